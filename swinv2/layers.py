@@ -1,0 +1,401 @@
+"""Building blocks of Swin Transformer V2.
+
+Everything here works on channel-last maps: ``(B, H, W, C)`` for feature maps and
+``(B*nW, N, C)`` for windows of ``N = wh*ww`` tokens. Window sizes are ``(wh, ww)`` tuples.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Size2 = tuple[int, int]
+
+# Logit-scale ceiling of scaled cosine attention (paper §3.3: tau > 0.01, so scale <= 100).
+# The official code builds it as a float32 tensor, so the float32 value of ln(100) is kept
+# here too: in float64 the two differ by 6e-8, which the reference outputs can see.
+LOGIT_SCALE_MAX = float(torch.log(torch.tensor(100.0, dtype=torch.float32)))
+# Added to the logits of token pairs that a shifted window joins across the image border.
+# The official code uses -100 rather than -inf; with logit scales near 100 that is visible.
+SHIFT_MASK_VALUE = -100.0
+# Added to the logits of padded keys. Padding is always narrower than the window, so every
+# window row keeps at least one real key and -inf can never give an all-masked row.
+PAD_MASK_VALUE = float("-inf")
+
+NORM_PLACEMENTS = ("res_post", "pre", "post", "sandwich")
+ATTN_TYPES = ("cosine", "dot")
+POSITION_BIASES = ("log_cpb", "linear_cpb", "table", "none")
+
+
+def to_2tuple(value, name: str = "value") -> Size2:
+    """(v, v) for an int, the pair itself for a pair; anything else is an error."""
+    if isinstance(value, int):
+        return (value, value)
+    try:
+        pair = tuple(int(v) for v in value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------
+# Windows
+# --------------------------------------------------------------------------------------
+
+
+def window_partition(x: torch.Tensor, window: Size2) -> torch.Tensor:
+    """(B, H, W, C) -> (B*nW, wh*ww, C); windows ordered batch, window row, window column."""
+    B, H, W, C = x.shape
+    wh, ww = window
+    x = x.view(B, H // wh, wh, W // ww, ww, C)  # (B, nWh, wh, nWw, ww, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, C)  # (B*nW, N, C)
+
+
+def window_reverse(windows: torch.Tensor, window: Size2, H: int, W: int) -> torch.Tensor:
+    """(B*nW, wh*ww, C) -> (B, H, W, C): the inverse of :func:`window_partition`."""
+    wh, ww = window
+    C = windows.shape[-1]
+    x = windows.view(-1, H // wh, W // ww, wh, ww, C)  # (B, nWh, nWw, wh, ww, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)  # (B, H, W, C)
+
+
+def effective_window(
+    resolution: Size2, window: Size2, rule: str = "per_axis"
+) -> tuple[Size2, Size2]:
+    """The window and shift a stage uses on a map of ``resolution``.
+
+    Where a map is not larger than the window, the stage uses one global window over that
+    axis and does not shift it (note the ``<=``: equal sizes do not shift either).
+
+    ``rule="per_axis"`` decides each axis on its own. ``rule="official"`` reproduces the
+    official code, which compares ``min(H, W)`` with the window and then uses that square
+    window on both axes; the two agree on every square map.
+    """
+    (H, W), (wh, ww) = resolution, window
+    if rule == "official":
+        if min(H, W) <= min(wh, ww):
+            side = min(H, W)
+            return (side, side), (0, 0)
+        return (wh, ww), (wh // 2, ww // 2)
+    if rule != "per_axis":
+        raise ValueError(f"window rule must be 'per_axis' or 'official', got {rule!r}")
+    win_h, shift_h = (H, 0) if H <= wh else (wh, wh // 2)
+    win_w, shift_w = (W, 0) if W <= ww else (ww, ww // 2)
+    return (win_h, win_w), (shift_h, shift_w)
+
+
+def attention_mask(
+    resolution: Size2, window: Size2, shift: Size2, device=None
+) -> Optional[torch.Tensor]:
+    """Additive mask ``(nW, N, N)`` for a map of ``resolution`` padded to whole windows and
+    cyclically shifted by ``shift``; None when neither padding nor shift needs one.
+
+    Token pairs from different shift regions get -100 (the official value); padded keys get
+    -inf, so real tokens never attend to padding. Padding goes at the bottom and right and
+    is applied before the cyclic shift.
+    """
+    (H, W), (wh, ww), (sh, sw) = resolution, window, shift
+    Hp, Wp = math.ceil(H / wh) * wh, math.ceil(W / ww) * ww
+    padded = (Hp, Wp) != (H, W)
+    if not padded and sh == 0 and sw == 0:
+        return None
+    mask = torch.zeros((Hp * Wp // (wh * ww), wh * ww, wh * ww))
+    if sh or sw:
+        # Label the (up to) 3x3 regions that the cyclic shift brings together.
+        labels = torch.zeros((1, Hp, Wp, 1))
+        h_cuts = [0, Hp - wh, Hp - sh, Hp] if sh else [0, Hp]
+        w_cuts = [0, Wp - ww, Wp - sw, Wp] if sw else [0, Wp]
+        region = 0
+        for h0, h1 in zip(h_cuts[:-1], h_cuts[1:]):
+            for w0, w1 in zip(w_cuts[:-1], w_cuts[1:]):
+                labels[:, h0:h1, w0:w1, :] = region
+                region += 1
+        lab = window_partition(labels, window).squeeze(-1)  # (nW, N)
+        mask = mask.masked_fill(lab[:, None, :] != lab[:, :, None], SHIFT_MASK_VALUE)
+    if padded:
+        is_pad = torch.zeros((1, Hp, Wp, 1), dtype=torch.bool)
+        is_pad[:, H:, :, :] = True
+        is_pad[:, :, W:, :] = True
+        is_pad = torch.roll(is_pad, shifts=(-sh, -sw), dims=(1, 2))
+        pad_keys = window_partition(is_pad, window).squeeze(-1)  # (nW, N)
+        mask = mask.masked_fill(pad_keys[:, None, :], PAD_MASK_VALUE)
+    return mask.to(device)
+
+
+# --------------------------------------------------------------------------------------
+# Relative positions
+# --------------------------------------------------------------------------------------
+
+
+def relative_position_index(window: Size2) -> torch.Tensor:
+    """(N, N) int64: row-major index into the (2wh-1, 2ww-1) table of relative offsets."""
+    wh, ww = window
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij"))
+    coords = coords.flatten(1)  # (2, N)
+    rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N)
+    return (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)
+
+
+def relative_coords_table(
+    window: Size2, pretrained_window: Size2 = (0, 0), spacing: str = "log"
+) -> torch.Tensor:
+    """(1, 2wh-1, 2ww-1, 2) float32 inputs of the continuous position bias MLP (paper §3.4).
+
+    Offsets are divided by ``pretrained_window - 1`` (or by ``window - 1`` when no pretrained
+    window is given), so that the pre-training window spans [-1, 1] whatever window is used
+    now. ``spacing="log"`` then scales to [-8, 8] and applies sign(t)*log2(1+|t|)/log2(8),
+    as the official code does; ``spacing="linear"`` keeps the [-1, 1] coordinates (the
+    paper's linear-spaced ablation). Computed in float32 like the official buffer; an axis of
+    size 1 has only the offset 0 and is left undivided instead of becoming NaN.
+    """
+    wh, ww = window
+    ph, pw = pretrained_window
+    dh = torch.arange(-(wh - 1), wh, dtype=torch.float32)
+    dw = torch.arange(-(ww - 1), ww, dtype=torch.float32)
+    table = torch.stack(torch.meshgrid(dh, dw, indexing="ij")).permute(1, 2, 0)  # (2wh-1, 2ww-1, 2)
+    table = table.contiguous().unsqueeze(0)
+    div_h, div_w = (ph - 1, pw - 1) if ph > 0 else (wh - 1, ww - 1)
+    if div_h > 0:
+        table[..., 0] /= div_h
+    if div_w > 0:
+        table[..., 1] /= div_w
+    if spacing == "log":
+        table *= 8
+        table = torch.sign(table) * torch.log2(torch.abs(table) + 1.0) / math.log2(8)
+    elif spacing != "linear":
+        raise ValueError(f"spacing must be 'log' or 'linear', got {spacing!r}")
+    return table
+
+
+def resize_bias_table(table: torch.Tensor, old: Size2, new: Size2) -> torch.Tensor:
+    """Bicubic resize of a V1 bias table ``((2oh-1)(2ow-1), nH)`` to window ``new``."""
+    nH = table.shape[1]
+    grid = table.T.reshape(1, nH, 2 * old[0] - 1, 2 * old[1] - 1)
+    grid = F.interpolate(grid, size=(2 * new[0] - 1, 2 * new[1] - 1), mode="bicubic")
+    return grid.reshape(nH, -1).T
+
+
+# --------------------------------------------------------------------------------------
+# Attention, MLP, embedding, merging
+# --------------------------------------------------------------------------------------
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows, with a relative position bias.
+
+    ``attn_type="cosine"`` (V2, paper §3.3): cos(q, k) times a learned per-head scale,
+    ``exp(min(logit_scale, ln 100))``, with no 1/sqrt(d). ``attn_type="dot"`` is V1's
+    ``q.k / sqrt(d)``. Queries and values have biases, keys do not (as in the official code).
+
+    ``position_bias``:
+    ``log_cpb`` / ``linear_cpb`` (V2, paper §3.4): a 2-layer MLP (2 -> 512 -> nH, ReLU, no
+    output bias) on the log- or linear-spaced coordinate table, squashed to 16*sigmoid, so
+    any window size works; ``table`` (V1): a learned ``(2wh-1)(2ww-1) x nH`` table built for
+    ``table_window`` and bicubically resized for other windows; ``none``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        pretrained_window_size: Size2 = (0, 0),
+        attn_type: str = "cosine",
+        position_bias: str = "log_cpb",
+        table_window: Size2 = (7, 7),
+        cpb_hidden_dim: int = 512,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if attn_type not in ATTN_TYPES:
+            raise ValueError(f"attn_type must be one of {ATTN_TYPES}, got {attn_type!r}")
+        if position_bias not in POSITION_BIASES:
+            raise ValueError(f"position_bias must be one of {POSITION_BIASES}, got {position_bias!r}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.attn_type = attn_type
+        self.position_bias = position_bias
+        self.pretrained_window_size = tuple(pretrained_window_size)
+        self._cache: dict = {}  # coordinate tables and index maps, keyed by window and device
+
+        if attn_type == "cosine":
+            self.logit_scale = nn.Parameter(torch.log(10 * torch.ones((num_heads, 1, 1))))
+        if position_bias in ("log_cpb", "linear_cpb"):
+            self.cpb_mlp = nn.Sequential(
+                nn.Linear(2, cpb_hidden_dim, bias=True),
+                nn.ReLU(inplace=True),
+                nn.Linear(cpb_hidden_dim, num_heads, bias=False),
+            )
+        elif position_bias == "table":
+            self.table_window = tuple(table_window)
+            th, tw = self.table_window
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros((2 * th - 1) * (2 * tw - 1), num_heads)
+            )
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.v_bias = None
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    # -- relative position bias --------------------------------------------------------
+
+    def _cached(self, kind: str, window: Size2, device, dtype=None) -> torch.Tensor:
+        key = (kind, window, device, dtype)
+        if key not in self._cache:
+            if kind == "index":
+                value = relative_position_index(window)
+            else:
+                spacing = "log" if self.position_bias == "log_cpb" else "linear"
+                value = relative_coords_table(window, self.pretrained_window_size, spacing)
+            self._cache[key] = value.to(device=device, dtype=dtype)
+        return self._cache[key]
+
+    def bias_table(self, window: Size2) -> torch.Tensor:
+        """Bias for every relative offset of ``window``: ``((2wh-1)*(2ww-1), nH)``."""
+        window = tuple(window)
+        if self.position_bias == "table":
+            table = self.relative_position_bias_table
+            if window != self.table_window:
+                table = resize_bias_table(table, self.table_window, window)
+            return table
+        weight = self.cpb_mlp[0].weight
+        coords = self._cached("coords", window, weight.device, weight.dtype)
+        return self.cpb_mlp(coords).view(-1, self.num_heads)
+
+    def relative_bias(self, window: Size2) -> Optional[torch.Tensor]:
+        """The additive bias ``(nH, N, N)`` for a window, or None without position bias."""
+        if self.position_bias == "none":
+            return None
+        window = tuple(window)
+        N = window[0] * window[1]
+        table = self.bias_table(window)
+        index = self._cached("index", window, table.device)
+        bias = table[index.view(-1)].view(N, N, -1).permute(2, 0, 1)  # (nH, N, N)
+        if self.position_bias != "table":
+            bias = 16 * torch.sigmoid(bias)  # bounded to (0, 16) (paper §3.4)
+        return bias
+
+    # -- attention ---------------------------------------------------------------------
+
+    def forward(
+        self, x: torch.Tensor, window: Size2, mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """x: (B*nW, N, C) windows of size ``window``; mask: (nW, N, N) additive, or None."""
+        B_, N, C = x.shape
+        nH = self.num_heads
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias)  # (B_, N, 3C)
+        qkv = qkv.reshape(B_, N, 3, nH, C // nH).permute(2, 0, 3, 1, 4)  # (3, B_, nH, N, d)
+        q, k, v = qkv.unbind(0)
+
+        if self.attn_type == "cosine":
+            attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)  # (B_, nH, N, N)
+            attn = attn * torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
+        else:
+            attn = (q * (C // nH) ** -0.5) @ k.transpose(-2, -1)  # (B_, nH, N, N)
+
+        rel = self.relative_bias(window)
+        if rel is not None:
+            attn = attn + rel.unsqueeze(0)
+        if mask is not None:
+            nW = mask.shape[0]
+            attn = attn.view(B_ // nW, nW, nH, N, N) + mask[None, :, None].to(attn.dtype)
+            attn = attn.view(B_, nH, N, N)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+
+        x = (attn @ v).transpose(1, 2).reshape(B_, N, C)  # (B_, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample, rescale the kept ones."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches: conv with stride = kernel = patch, then LayerNorm.
+
+    (B, C_in, H, W) -> (B, H/p, W/p, C).
+    """
+
+    def __init__(self, patch_size: Size2, in_chans: int, embed_dim: int, norm: bool = True,
+                 norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.patch_size = tuple(patch_size)
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = norm_layer(embed_dim) if norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x).permute(0, 2, 3, 1)  # (B, H/p, W/p, C)
+        return self.norm(x) if self.norm is not None else x
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbourhood concatenation, bias-free 4C -> 2C linear, then LayerNorm (V2 order).
+
+    Concatenation order follows the official code: (even row, even col), (odd, even),
+    (even, odd), (odd, odd). An odd-sized map is zero-padded at the bottom/right first.
+    (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C).
+    """
+
+    def __init__(self, dim: int, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.dim = dim
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = norm_layer(2 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if H % 2 or W % 2:
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+            H, W = H + H % 2, W + W % 2
+        # (B, H/2, 2[row], W/2, 2[col], C) -> (B, H/2, W/2, 2[col], 2[row], C) so that the
+        # flattened 4C reads x0 (0,0), x1 (1,0), x2 (0,1), x3 (1,1).
+        x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5)
+        x = x.reshape(B, H // 2, W // 2, 4 * C)  # (B, H/2, W/2, 4C)
+        return self.norm(self.reduction(x))

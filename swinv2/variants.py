@@ -1,0 +1,164 @@
+"""The SwinV2 family as data, and ``create_model`` / ``list_models``.
+
+Names follow timm's, so they can be looked up there too. Stochastic-depth rates are those of
+the official training configs (H and G: the paper's §4 / appendix values).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Optional, Union
+
+import torch
+
+from .loading import load_pretrained
+from .model import SwinTransformerV2
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One architecture: the constructor arguments that define it, and a description."""
+
+    embed_dim: int
+    depths: tuple[int, ...]
+    num_heads: tuple[int, ...]
+    img_size: int
+    window_size: int
+    pretrained_window_sizes: tuple[int, ...] = (0, 0, 0, 0)
+    num_classes: int = 1000
+    drop_path_rate: float = 0.2
+    extra_norm_period: int = 0
+    description: str = ""
+    extra: Mapping = field(default_factory=dict)
+
+    def kwargs(self) -> dict:
+        kw = asdict(self)
+        kw.pop("description")
+        kw.update(kw.pop("extra"))
+        if not kw["extra_norm_period"]:
+            kw.pop("extra_norm_period")
+        return kw
+
+
+_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+_S = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
+_B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+_L = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
+_FT = (12, 12, 12, 6)  # windows of the 192/w12 ImageNet-22k checkpoints, per stage
+
+VARIANTS: dict[str, Variant] = {
+    "swinv2_debug": Variant(
+        embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16), img_size=64, window_size=4,
+        num_classes=10, drop_path_rate=0.1,
+        description="tiny test network: every code path (shift, global window) at 64 px",
+    ),
+    "swinv2_tiny_window8_256": Variant(**_T, img_size=256, window_size=8, description="SwinV2-T, ImageNet-1k"),
+    "swinv2_tiny_window16_256": Variant(**_T, img_size=256, window_size=16, description="SwinV2-T, ImageNet-1k"),
+    "swinv2_small_window8_256": Variant(
+        **_S, img_size=256, window_size=8, drop_path_rate=0.3, description="SwinV2-S, ImageNet-1k"
+    ),
+    "swinv2_small_window16_256": Variant(
+        **_S, img_size=256, window_size=16, drop_path_rate=0.3, description="SwinV2-S, ImageNet-1k"
+    ),
+    "swinv2_base_window8_256": Variant(
+        **_B, img_size=256, window_size=8, drop_path_rate=0.5, description="SwinV2-B, ImageNet-1k"
+    ),
+    "swinv2_base_window16_256": Variant(
+        **_B, img_size=256, window_size=16, drop_path_rate=0.5, description="SwinV2-B, ImageNet-1k"
+    ),
+    "swinv2_base_window12_192": Variant(
+        **_B, img_size=192, window_size=12, num_classes=21841, description="SwinV2-B, ImageNet-22k pre-training"
+    ),
+    "swinv2_large_window12_192": Variant(
+        **_L, img_size=192, window_size=12, num_classes=21841, description="SwinV2-L, ImageNet-22k pre-training"
+    ),
+    "swinv2_base_window12to16_192to256": Variant(
+        **_B, img_size=256, window_size=16, pretrained_window_sizes=_FT, description="SwinV2-B, 22k -> 1k fine-tune"
+    ),
+    "swinv2_base_window12to24_192to384": Variant(
+        **_B, img_size=384, window_size=24, pretrained_window_sizes=_FT, description="SwinV2-B, 22k -> 1k fine-tune"
+    ),
+    "swinv2_large_window12to16_192to256": Variant(
+        **_L, img_size=256, window_size=16, pretrained_window_sizes=_FT, description="SwinV2-L, 22k -> 1k fine-tune"
+    ),
+    "swinv2_large_window12to24_192to384": Variant(
+        **_L, img_size=384, window_size=24, pretrained_window_sizes=_FT, description="SwinV2-L, 22k -> 1k fine-tune"
+    ),
+    "swinv2_huge_window12_192": Variant(
+        embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88), img_size=192, window_size=12,
+        extra_norm_period=6, description="SwinV2-H (paper §3.6): 658M, extra main-branch norm every 6 blocks",
+    ),
+    "swinv2_giant_window12_192": Variant(
+        embed_dim=512, depths=(2, 2, 42, 4), num_heads=(16, 32, 64, 128), img_size=192, window_size=12,
+        drop_path_rate=0.3, extra_norm_period=6,
+        description="SwinV2-G (paper §3.6): 3.0B, extra main-branch norm every 6 blocks",
+    ),
+}
+
+
+def list_models(pattern: Optional[str] = None) -> list[str]:
+    """Variant names, optionally filtered by a shell-style ``pattern`` such as ``*base*``."""
+    names = list(VARIANTS)
+    return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
+
+
+def get_variant(name: str) -> Variant:
+    base = name.split(".", 1)[0]  # accept timm-style "name.tag"
+    if base not in VARIANTS:
+        close = [n for n in VARIANTS if base.replace("swinv2_", "") in n] or list(VARIANTS)
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(close)}")
+    return VARIANTS[base]
+
+
+def create_model(
+    name: str,
+    pretrained: Union[bool, str, os.PathLike, Mapping[str, torch.Tensor]] = False,
+    device: Optional[Union[str, torch.device]] = None,
+    **overrides,
+) -> SwinTransformerV2:
+    """Build a variant by name; keyword arguments override its constructor arguments.
+
+    ``pretrained``: a checkpoint path or a state dict to load (see :func:`load_pretrained`).
+    ``device``: where to build; ``"meta"`` builds without allocating memory (for planning
+    and sharded initialisation of the large sizes).
+    """
+    kwargs = get_variant(name).kwargs()
+    kwargs.update(overrides)
+    if device is not None:
+        with torch.device(device):
+            model = SwinTransformerV2(**kwargs)
+    else:
+        model = SwinTransformerV2(**kwargs)
+    if pretrained is True:
+        raise ValueError(
+            "pretrained=True needs a weight registry; pass a checkpoint path or a state dict instead"
+        )
+    if pretrained is not False and pretrained is not None:
+        load_pretrained(model, pretrained)
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def variant_table() -> list[dict]:
+    """One row per variant: name, parameters, GFLOPs at its own size, size, windows."""
+    rows = []
+    for name, v in VARIANTS.items():
+        model = create_model(name, device="meta")
+        rows.append(
+            dict(
+                name=name,
+                params_m=count_parameters(model) / 1e6,
+                gflops=model.flops() / 1e9,
+                img_size=v.img_size,
+                window=v.window_size,
+                pretrained_windows=v.pretrained_window_sizes,
+                num_classes=v.num_classes,
+                description=v.description,
+            )
+        )
+    return rows
