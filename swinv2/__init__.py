@@ -2,6 +2,7 @@
 
 from .loading import CheckpointError, LoadReport, StateDictMismatchError, load_pretrained
 from .model import SwinTransformerV2
+from .variants import create_model, list_models
 
 __version__ = "0.1.0"
 __all__ = [
@@ -9,5 +10,7 @@ __all__ = [
     "LoadReport",
     "StateDictMismatchError",
     "SwinTransformerV2",
+    "create_model",
+    "list_models",
     "load_pretrained",
 ]

@@ -7,7 +7,6 @@ Everything here works on channel-last maps: ``(B, H, W, C)`` for feature maps an
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +91,7 @@ def effective_window(
 
 def attention_mask(
     resolution: Size2, window: Size2, shift: Size2, device=None
-) -> Optional[torch.Tensor]:
+) -> torch.Tensor | None:
     """Additive mask ``(nW, N, N)`` for a map of ``resolution`` padded to whole windows and
     cyclically shifted by ``shift``; None when neither padding nor shift needs one.
 
@@ -277,7 +276,7 @@ class WindowAttention(nn.Module):
         coords = self._cached("coords", window, weight.device, weight.dtype)
         return self.cpb_mlp(coords).view(-1, self.num_heads)
 
-    def relative_bias(self, window: Size2) -> Optional[torch.Tensor]:
+    def relative_bias(self, window: Size2) -> torch.Tensor | None:
         """The additive bias ``(nH, N, N)`` for a window, or None without position bias."""
         if self.position_bias == "none":
             return None
@@ -293,7 +292,7 @@ class WindowAttention(nn.Module):
     # -- attention ---------------------------------------------------------------------
 
     def forward(
-        self, x: torch.Tensor, window: Size2, mask: Optional[torch.Tensor] = None
+        self, x: torch.Tensor, window: Size2, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x: (B*nW, N, C) windows of size ``window``; mask: (nW, N, N) additive, or None."""
         B_, N, C = x.shape

@@ -6,8 +6,8 @@ Files are read without running code: safetensors, or ``torch.load(weights_only=T
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Union
 
 import torch
 from torch import nn
@@ -66,7 +66,7 @@ def _name_list(title: str, names: list[str], limit: int = 20) -> list[str]:
     return [f"{len(names)} {title}:"] + shown
 
 
-def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file (safetensors, or a torch pickle read with weights_only)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -105,7 +105,7 @@ def unwrap_state_dict(obj, source: str = "state dict") -> dict[str, torch.Tensor
 
 def load_pretrained(
     model: nn.Module,
-    source: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
     strict: bool = True,
 ) -> LoadReport:
     """Load an official-layout state dict (bare or wrapped in {'model': ...}, with or without

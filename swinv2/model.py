@@ -10,7 +10,7 @@ shift and mask from the actual feature map at forward time.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -208,14 +208,14 @@ class SwinTransformerV2(nn.Module):
 
     def __init__(
         self,
-        img_size: Union[int, Size2] = 224,
-        patch_size: Union[int, Size2] = 4,
+        img_size: int | Size2 = 224,
+        patch_size: int | Size2 = 4,
         in_chans: int = 3,
         num_classes: int = 1000,
         embed_dim: int = 96,
         depths: Sequence[int] = (2, 2, 6, 2),
         num_heads: Sequence[int] = (3, 6, 12, 24),
-        window_size: Union[int, Size2] = 7,
+        window_size: int | Size2 = 7,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
@@ -225,7 +225,7 @@ class SwinTransformerV2(nn.Module):
         ape: bool = False,
         patch_norm: bool = True,
         use_checkpoint: bool = False,
-        pretrained_window_sizes: Sequence[Union[int, Size2]] = (0, 0, 0, 0),
+        pretrained_window_sizes: Sequence[int | Size2] = (0, 0, 0, 0),
         *,
         norm_placement: str = "res_post",
         attn_type: str = "cosine",
@@ -265,9 +265,8 @@ class SwinTransformerV2(nn.Module):
         self.img_size = to_2tuple(img_size, "img_size")
         self.window_size = self._check_window(window_size)
         self._check_img_size(self.img_size)
-        for p, h in zip(pretrained_window_sizes, num_heads):
-            if min(to_2tuple(p)) < 0:
-                raise ValueError(f"pretrained_window_sizes must be >= 0, got {tuple(pretrained_window_sizes)}")
+        if any(min(p) < 0 for p in self.pretrained_window_sizes):
+            raise ValueError(f"pretrained_window_sizes must be >= 0, got {tuple(pretrained_window_sizes)}")
         self.config = dict(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
             embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads), window_size=window_size,
@@ -345,9 +344,10 @@ class SwinTransformerV2(nn.Module):
     def patch_grid(self) -> Size2:
         return (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
 
-    def stage_resolutions(self, img_size: Optional[Union[int, Size2]] = None) -> list[Size2]:
+    def stage_resolutions(self, img_size: int | Size2 | None = None) -> list[Size2]:
         """Feature-map size of each stage for an input of ``img_size`` (default: the model's)."""
         size = self.img_size if img_size is None else to_2tuple(img_size, "img_size")
+        self._check_img_size(size)
         h, w = size[0] // self.patch_size[0], size[1] // self.patch_size[1]
         resolutions = []
         for _ in range(self.num_layers):
@@ -365,9 +365,9 @@ class SwinTransformerV2(nn.Module):
     @torch.no_grad()
     def set_input_size(
         self,
-        img_size: Optional[Union[int, Size2]] = None,
-        window_size: Optional[Union[int, Size2]] = None,
-        window_rule: Optional[str] = None,
+        img_size: int | Size2 | None = None,
+        window_size: int | Size2 | None = None,
+        window_rule: str | None = None,
     ) -> None:
         """Change the nominal input size and/or the window, keeping the weights.
 
@@ -455,7 +455,7 @@ class SwinTransformerV2(nn.Module):
     def forward_intermediates(
         self,
         x: torch.Tensor,
-        indices: Optional[Union[int, Sequence[int]]] = None,
+        indices: int | Sequence[int] | None = None,
         norm: bool = False,
         stop_early: bool = False,
         output_fmt: str = "NCHW",
@@ -491,7 +491,7 @@ class SwinTransformerV2(nn.Module):
 
     # -- training helpers --------------------------------------------------------------
 
-    def set_grad_checkpointing(self, enable: bool = True, stages: Optional[Iterable[int]] = None) -> None:
+    def set_grad_checkpointing(self, enable: bool = True, stages: Iterable[int] | None = None) -> None:
         """Recompute each block's activations in backward (same outputs and gradients).
 
         ``stages`` limits it to those stage indices; the others are switched off.
@@ -533,7 +533,7 @@ class SwinTransformerV2(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a freshly initialised one for ``num_classes`` (0: none)."""
         if global_pool is not None:
             if global_pool not in ("avg", ""):
@@ -550,11 +550,12 @@ class SwinTransformerV2(nn.Module):
 
     # -- cost -------------------------------------------------------------------------
 
-    def flops(self, img_size: Optional[Union[int, Size2]] = None) -> int:
+    def flops(self, img_size: int | Size2 | None = None) -> int:
         """Multiply-accumulates of one forward pass, counted as the official ``flops()``
         does (linear and attention matmuls, norms, patch embedding, head); the position-bias
         MLP is not counted. Uses each stage's effective window and padding."""
         size = self.img_size if img_size is None else to_2tuple(img_size, "img_size")
+        self._check_img_size(size)
         ph, pw = self.patch_size
         gh, gw = size[0] // ph, size[1] // pw
         C = self.embed_dim

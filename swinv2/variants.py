@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Optional, Union
 
 import torch
 
@@ -98,7 +98,7 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def list_models(pattern: Optional[str] = None) -> list[str]:
+def list_models(pattern: str | None = None) -> list[str]:
     """Variant names, optionally filtered by a shell-style ``pattern`` such as ``*base*``."""
     names = list(VARIANTS)
     return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
@@ -114,8 +114,8 @@ def get_variant(name: str) -> Variant:
 
 def create_model(
     name: str,
-    pretrained: Union[bool, str, os.PathLike, Mapping[str, torch.Tensor]] = False,
-    device: Optional[Union[str, torch.device]] = None,
+    pretrained: bool | str | os.PathLike | Mapping[str, torch.Tensor] = False,
+    device: str | torch.device | None = None,
     **overrides,
 ) -> SwinTransformerV2:
     """Build a variant by name; keyword arguments override its constructor arguments.

@@ -1,0 +1,43 @@
+"""Shared test utilities."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every parameter a random value, so that every path of the network matters.
+
+    Norm weights ~ 1 +- 0.2 and biases ~ N(0, 0.1); each ``logit_scale`` ~ ln 10 +- 1.5 with
+    its first head set past the ln 100 clamp; everything else ~ N(0, 0.05) (larger for the
+    position-bias MLP input layer so the bias varies across offsets). Fresh SwinV2 models have
+    zeroed residual-branch norms, which would make every block an identity.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            leaf = name.rsplit(".", 1)[-1]
+            parent = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
+            if leaf == "logit_scale" or name.endswith("logit_scale"):
+                v = math.log(10) + 1.5 * r.clamp(-1, 1)
+                v.view(-1)[0] = math.log(100) + 0.7
+            elif "norm" in parent and leaf == "weight":
+                v = 1 + 0.2 * r
+            elif "norm" in parent and leaf == "bias":
+                v = 0.1 * r
+            elif "cpb_mlp.0" in name:
+                v = 0.5 * r
+            else:
+                v = 0.05 * r
+            p.copy_(v.to(p.dtype))
+    return model
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()

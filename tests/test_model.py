@@ -1,0 +1,338 @@
+"""The network: construction, variants, training behaviour, the timm-style API."""
+
+import math
+
+import pytest
+import torch
+from helpers import randomize_, rel_err
+
+import swinv2
+from swinv2.variants import VARIANTS, count_parameters
+
+DEBUG = "swinv2_debug"
+
+
+def debug_model(seed=0, **kw):
+    return randomize_(swinv2.create_model(DEBUG, drop_path_rate=0.0, **kw), seed)
+
+
+# -- variants ----------------------------------------------------------------------------
+
+# Paper (Table 1 / §3.6) and official README figures: params (M), GFLOPs at the variant's size.
+PAPER = {
+    "swinv2_tiny_window8_256": (28.35, 5.9),
+    "swinv2_small_window8_256": (49.73, 11.5),
+    "swinv2_base_window8_256": (87.92, 20.3),
+    "swinv2_tiny_window16_256": (28.35, 6.6),
+    "swinv2_small_window16_256": (49.73, 12.6),
+    "swinv2_base_window16_256": (87.92, 21.8),
+    "swinv2_base_window12to16_192to256": (87.92, 21.8),
+    "swinv2_base_window12to24_192to384": (87.92, 54.7),
+    "swinv2_large_window12to16_192to256": (196.74, 47.5),
+    "swinv2_large_window12to24_192to384": (196.74, 115.4),
+}
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_params_and_flops_match_paper(name):
+    model = swinv2.create_model(name, device="meta")
+    params, gflops = PAPER[name]
+    assert count_parameters(model) / 1e6 == pytest.approx(params, abs=0.005)
+    assert model.flops() / 1e9 == pytest.approx(gflops, abs=0.051)
+
+
+def test_huge_and_giant_sizes():
+    huge = swinv2.create_model("swinv2_huge_window12_192", device="meta")
+    giant = swinv2.create_model("swinv2_giant_window12_192", device="meta")
+    assert count_parameters(huge) / 1e6 == pytest.approx(658.0, abs=0.5)  # paper: 658M
+    assert count_parameters(giant) / 1e9 == pytest.approx(3.0, abs=0.01)  # paper: 3.0B
+    assert all(p.is_meta for p in giant.parameters())
+    # Extra main-branch LayerNorm after every 6th block of a stage: G stage 3 has 42 blocks.
+    per_stage = [sum(b.norm3 is not None for b in s.blocks) for s in giant.layers]
+    assert per_stage == [0, 0, 7, 0]
+    assert [b.norm3 is not None for b in giant.layers[2].blocks[:6]] == [False] * 5 + [True]
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_variant_builds_on_meta(name):
+    model = swinv2.create_model(name, device="meta")
+    assert all(p.is_meta for p in model.parameters())
+    assert model.num_classes == VARIANTS[name].num_classes
+
+
+def test_small_variants_build_for_real_and_run():
+    model = swinv2.create_model("swinv2_tiny_window8_256", num_classes=5).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 256, 256)).shape == (1, 5)
+
+
+def test_list_models_and_unknown_name():
+    assert swinv2.list_models()[0] == DEBUG
+    assert swinv2.list_models("*large*") == [n for n in VARIANTS if "large" in n]
+    assert swinv2.create_model("swinv2_tiny_window8_256.ms_in1k", device="meta").embed_dim == 96
+    with pytest.raises(ValueError, match="unknown model"):
+        swinv2.create_model("swinv2_tinny")
+
+
+# -- official constructor -----------------------------------------------------------------
+
+OFFICIAL_KWARGS = dict(
+    img_size=64, patch_size=4, in_chans=3, num_classes=7, embed_dim=16, depths=[2, 2, 2, 2],
+    num_heads=[1, 2, 4, 8], window_size=4, mlp_ratio=4.0, qkv_bias=True, drop_rate=0.0,
+    attn_drop_rate=0.0, drop_path_rate=0.1, norm_layer=torch.nn.LayerNorm, ape=False, patch_norm=True,
+    use_checkpoint=False, pretrained_window_sizes=[0, 0, 0, 0],
+)
+
+
+def test_official_keyword_arguments_verbatim():
+    model = swinv2.SwinTransformerV2(**OFFICIAL_KWARGS, fused_window_process=False)
+    assert model.num_features == 128 and model.head.out_features == 7
+    with pytest.raises(TypeError):
+        swinv2.SwinTransformerV2(**OFFICIAL_KWARGS, windowsize=8)  # typos are not swallowed
+
+
+def test_official_init():
+    torch.manual_seed(0)
+    model = swinv2.create_model("swinv2_tiny_window8_256")
+    block = model.layers[2].blocks[1]
+    for norm in (block.norm1, block.norm2):  # res-post-norm starts at zero
+        assert not norm.weight.any() and not norm.bias.any()
+    assert torch.equal(model.norm.weight, torch.ones(768))
+    assert torch.allclose(block.attn.logit_scale, torch.full((12, 1, 1), math.log(10)))
+    assert block.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert not block.attn.q_bias.any() and not block.mlp.fc1.bias.any()
+    # so a fresh model's blocks are identities
+    stage = model.layers[0]
+    x = torch.randn(1, 64, 64, 96)
+    assert torch.equal(stage.forward_blocks(x), x)
+
+
+def test_state_dict_uses_official_names():
+    keys = set(swinv2.create_model(DEBUG).state_dict())
+    assert "layers.0.blocks.1.attn.cpb_mlp.2.weight" in keys
+    assert "layers.2.downsample.reduction.weight" in keys and "layers.3.downsample.norm.weight" not in keys
+    assert "head.weight" in keys and "patch_embed.norm.bias" in keys
+    assert not any(k.endswith(("attn_mask", "relative_position_index", "relative_coords_table")) for k in keys)
+
+
+# -- training behaviour -------------------------------------------------------------------
+
+
+def test_forward_backward_every_parameter_gets_a_gradient():
+    model = debug_model().train()
+    x = torch.randn(2, 3, 64, 64)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([1, 3]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+    # heads past the clamp get no gradient (the clamp is flat there), the others do
+    scale = model.layers[0].blocks[0].attn.logit_scale
+    assert scale.grad[0].item() == 0 and scale.grad[1:].abs().min() > 0
+
+
+def test_gradient_checkpointing_same_outputs_and_gradients():
+    x = torch.randn(2, 3, 64, 64)
+    results = []
+    for ckpt in (False, True):
+        model = debug_model()
+        model.set_grad_checkpointing(ckpt)
+        out = model(x)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (out0, g0), (out1, g1) = results
+    assert torch.equal(out0, out1)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g0, g1))
+
+
+def test_gradient_checkpointing_per_stage_and_official_flag():
+    model = swinv2.SwinTransformerV2(**dict(OFFICIAL_KWARGS, use_checkpoint=True))
+    assert all(s.grad_checkpointing for s in model.layers)
+    model.set_grad_checkpointing(True, stages=[0, 1])
+    assert [s.grad_checkpointing for s in model.layers] == [True, True, False, False]
+
+
+def test_stochastic_depth_schedule_and_train_eval():
+    model = swinv2.create_model(DEBUG, drop_path_rate=0.3)
+    rates = [getattr(b.drop_path, "p", 0.0) for s in model.layers for b in s.blocks]
+    assert rates == pytest.approx(torch.linspace(0, 0.3, 8).tolist())
+    randomize_(model)
+    x = torch.randn(4, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+        model.train()
+        torch.manual_seed(0)
+        a = model(x)
+        torch.manual_seed(1)
+        assert not torch.allclose(a, model(x))
+
+
+def test_bfloat16_autocast_runs():
+    model = debug_model().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    assert out.dtype == torch.bfloat16
+    # Randomised weights (norm gains ~1 +- 0.2, logit scales up to 100) amplify bf16 rounding:
+    # timm's SwinV2 with the same weights lands at the same ~0.16; broken math lands near 1.
+    assert rel_err(out.float(), ref) < 0.3
+
+
+# -- timm-style API -----------------------------------------------------------------------
+
+
+def test_features_head_and_intermediates():
+    model = debug_model().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, 2, 2, 256)  # NHWC, stride 32
+        pooled = model.forward_head(feats, pre_logits=True)
+        assert torch.allclose(pooled, feats.mean((1, 2)))
+        assert torch.allclose(model.forward_head(feats), model(x))
+
+        final, maps = model.forward_intermediates(x)
+        assert [tuple(m.shape) for m in maps] == [(2, 32, 16, 16), (2, 64, 8, 8), (2, 128, 4, 4), (2, 256, 2, 2)]
+        assert torch.equal(final, feats)
+        normed = model.forward_intermediates(x, norm=True, intermediates_only=True)
+        assert torch.allclose(normed[-1], feats.permute(0, 3, 1, 2))
+        assert torch.allclose(normed[0].mean(1), torch.zeros(2, 16, 16), atol=1e-5)
+        assert not torch.allclose(normed[0], maps[0])
+
+        first = model.forward_intermediates(x, indices=[0, 1], stop_early=True, intermediates_only=True,
+                                            output_fmt="NHWC")
+        assert [tuple(m.shape) for m in first] == [(2, 16, 16, 32), (2, 8, 8, 64)]
+        assert torch.equal(first[1], maps[1].permute(0, 2, 3, 1))
+        assert len(model.forward_intermediates(x, indices=2, intermediates_only=True)) == 2
+    with pytest.raises(ValueError):
+        model.forward_intermediates(x, indices=[5])
+
+
+def test_reset_classifier_and_no_weight_decay_and_layer_ids():
+    model = debug_model()
+    model.reset_classifier(3)
+    assert model.head.out_features == 3 and model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 256)
+
+    nwd = model.no_weight_decay()
+    assert "layers.1.blocks.0.attn.logit_scale" in nwd and "layers.1.blocks.0.attn.cpb_mlp.0.weight" in nwd
+    assert "layers.1.blocks.0.attn.qkv.weight" not in nwd
+
+    assert model.num_layer_ids == 8 + 2
+    assert model.layer_id("patch_embed.proj.weight") == 0
+    assert model.layer_id("layers.0.blocks.0.attn.qkv.weight") == 1
+    assert model.layer_id("layers.1.blocks.1.mlp.fc1.weight") == 4
+    assert model.layer_id("layers.1.downsample.reduction.weight") == 4  # shares its last block's id
+    assert model.layer_id("norm.weight") == model.layer_id("head.weight") == 9
+
+
+# -- ablation switches --------------------------------------------------------------------
+
+
+def _ablation(**kw):
+    return randomize_(swinv2.create_model(DEBUG, drop_path_rate=0.0, **kw), 3).eval()
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [
+        dict(norm_placement="pre"), dict(norm_placement="post"), dict(norm_placement="sandwich"),
+        dict(attn_type="dot"), dict(position_bias="linear_cpb"), dict(position_bias="table"),
+        dict(position_bias="none"), dict(extra_norm_period=1),
+    ],
+    ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()),
+)
+def test_ablation_switches_change_the_network(switch):
+    x = torch.randn(2, 3, 64, 64)
+    ref, model = _ablation(), _ablation(**switch)
+    with torch.no_grad():
+        out = model(x)
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref(x)) > 1e-3
+    out.sum  # noqa: B018
+    model.train()
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_ablation_parameters():
+    names = lambda m: {n.split(".", 5)[-1] for n, _ in m.named_parameters() if n.startswith("layers.0.blocks.0")}  # noqa: E731
+    assert "attn.logit_scale" not in names(_ablation(attn_type="dot"))
+    table = _ablation(position_bias="table")
+    assert table.layers[0].blocks[0].attn.relative_position_bias_table.shape == (49, 2)
+    assert table.layers[3].blocks[0].attn.relative_position_bias_table.shape == (9, 16)  # 2x2 map
+    assert not any("cpb_mlp" in n for n in names(_ablation(position_bias="none")))
+    pre = swinv2.create_model(DEBUG, norm_placement="pre")
+    assert torch.equal(pre.layers[0].blocks[0].norm1.weight, torch.ones(32))  # only res-post is zeroed
+
+
+def test_dot_attention_is_scaled_dot_product():
+    model = _ablation(attn_type="dot", position_bias="none")
+    attn = model.layers[0].blocks[0].attn
+    x = torch.randn(3, 16, 32)
+    qkv = x @ attn.qkv.weight.T + torch.cat([attn.q_bias, torch.zeros(32), attn.v_bias])
+    q, k, v = qkv.view(3, 16, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    expected = torch.softmax(q @ k.transpose(-1, -2) / 4.0, -1) @ v
+    expected = attn.proj(expected.transpose(1, 2).reshape(3, 16, 32))
+    with torch.no_grad():
+        assert torch.allclose(attn(x, (4, 4)), expected, atol=1e-6)
+
+
+def test_coordinate_tables():
+    from swinv2.layers import relative_coords_table
+
+    log = relative_coords_table((8, 8))
+    assert log.shape == (1, 15, 15, 2)
+    assert log.abs().max().item() == pytest.approx(math.log(9, 8), rel=1e-6)  # log8(1 + 8) at the edge
+    lin = relative_coords_table((8, 8), spacing="linear")
+    assert lin.abs().max().item() == 1.0
+    grown = relative_coords_table((24, 24), (12, 12))  # 12 -> 24: extrapolates gently
+    assert grown.abs().max().item() == pytest.approx(math.log(1 + 8 * 23 / 11, 8), rel=1e-6)
+    assert torch.isfinite(relative_coords_table((1, 1))).all()  # NaN in the official code
+
+
+def test_one_by_one_stage_is_finite():
+    """A 32-px input leaves a 1x1 last-stage map: window 1, which is NaN in the official code."""
+    model = debug_model().eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, 32, 32))).all()
+
+
+def test_absolute_position_embedding_any_size():
+    model = swinv2.create_model(DEBUG, ape=True).eval()
+    assert model.absolute_pos_embed.shape == (1, 256, 32)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, 96, 64))).all()
+        model.set_input_size(img_size=96)
+    assert model.absolute_pos_embed.shape == (1, 576, 32)
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+
+def test_bad_inputs_get_clear_errors():
+    model = debug_model()
+    with pytest.raises(ValueError, match="expected 3 input channels, got 1"):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        model(torch.randn(1, 3, 66, 64))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match="window_size must be at least 1"):
+        swinv2.create_model(DEBUG, window_size=0)
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        swinv2.create_model(DEBUG, num_heads=(3, 4, 8, 16))
+    with pytest.raises(ValueError, match="one entry per stage"):
+        swinv2.create_model(DEBUG, pretrained_window_sizes=(4, 4))
+    with pytest.raises(ValueError, match="equal length"):
+        swinv2.create_model(DEBUG, depths=(2, 2, 2))
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        swinv2.create_model(DEBUG, img_size=66)
+    with pytest.raises(ValueError, match="position_bias"):
+        swinv2.create_model(DEBUG, position_bias="cpb")
+    with pytest.raises(ValueError, match="window rule"):
+        model.set_input_size(window_rule="largest")
