@@ -336,3 +336,22 @@ def test_bad_inputs_get_clear_errors():
         swinv2.create_model(DEBUG, position_bias="cpb")
     with pytest.raises(ValueError, match="window rule"):
         model.set_input_size(window_rule="largest")
+
+
+@pytest.mark.parametrize(
+    "name, size",
+    [("swinv2_tiny_window8_256", (256, 256)), ("swinv2_tiny_window8_256", (320, 448)),
+     ("swinv2_base_window12to24_192to384", (384, 384)), ("swinv2_giant_window12_192", (192, 192))],
+)
+def test_flop_formula_agrees_with_counted_operations(name, size):
+    """torch's op-level counter (on meta tensors, so free) sees the same multiply-adds as the
+    official formula, plus the small position-bias MLP that the formula leaves out; at
+    320x448 the padded windows are counted as computed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = swinv2.create_model(name).eval()
+        x = torch.randn(1, 3, *size)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    assert 1.0 <= counter.get_total_flops() / 2 / model.flops(size) < 1.01
