@@ -467,8 +467,10 @@ class SwinTransformerV2(nn.Module):
         ``indices``: stage indices to return, or an int n for the last n stages (default all).
         ``norm``: LayerNorm each returned map; the last stage uses the model's final norm
         (so its map equals ``forward_features``), earlier ones a LayerNorm without affine
-        parameters. ``output_fmt``: ``NCHW`` or ``NHWC``. Returns the list of maps if
-        ``intermediates_only``, else ``(final_features, maps)``.
+        parameters. ``output_fmt``: ``NCHW`` or ``NHWC``. ``stop_early``: skip the
+        stages after the last one requested. Returns the list of maps if ``intermediates_only``,
+        else ``(final, maps)``: ``final`` is the NHWC output of the last stage run, normed when
+        that is the network's last stage (then it equals ``forward_features``).
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
@@ -483,7 +485,7 @@ class SwinTransformerV2(nn.Module):
                 if norm:
                     out = self.norm(x) if i == self.num_layers - 1 else F.layer_norm(x, x.shape[-1:])
                 maps.append(out.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else out)
-            if stage.downsample is not None:
+            if stage.downsample is not None and i < last:
                 x = stage.downsample(x)
         if intermediates_only:
             return maps
