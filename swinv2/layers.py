@@ -250,19 +250,24 @@ class WindowAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        # True: one fused scaled_dot_product_attention call; False: the explicit reference
+        # computation (matmul, bias, mask, softmax, matmul) as in the official code.
+        self.fused_attn = True
 
     # -- relative position bias --------------------------------------------------------
 
     def _cached(self, kind: str, window: Size2, device, dtype=None) -> torch.Tensor:
         key = (kind, window, device, dtype)
         if key not in self._cache:
-            if kind == "index":
-                value = relative_position_index(window)
-            else:
-                spacing = "log" if self.position_bias == "log_cpb" else "linear"
-                value = relative_coords_table(window, self.pretrained_window_size, spacing)
-            self._cache[key] = value.to(device=device, dtype=dtype)
+            with torch.inference_mode(False):  # usable later by training, whoever fills it
+                self._cache[key] = self._constant(kind, window, device, dtype)
         return self._cache[key]
+
+    def _constant(self, kind: str, window: Size2, device, dtype) -> torch.Tensor:
+        if kind == "index":
+            return relative_position_index(window).to(device)
+        spacing = "log" if self.position_bias == "log_cpb" else "linear"
+        return relative_coords_table(window, self.pretrained_window_size, spacing).to(device=device, dtype=dtype)
 
     def bias_table(self, window: Size2) -> torch.Tensor:
         """Bias for every relative offset of ``window``: ``((2wh-1)*(2ww-1), nH)``."""
@@ -277,10 +282,26 @@ class WindowAttention(nn.Module):
         return self.cpb_mlp(coords).view(-1, self.num_heads)
 
     def relative_bias(self, window: Size2) -> torch.Tensor | None:
-        """The additive bias ``(nH, N, N)`` for a window, or None without position bias."""
+        """The additive bias ``(nH, N, N)`` for a window, or None without position bias.
+
+        It depends on the weights only, so while no gradient is needed (evaluation,
+        inference) it is computed once and reused until a weight changes (detected through
+        the parameters' version counters, which optimizers and loading bump).
+        """
         if self.position_bias == "none":
             return None
         window = tuple(window)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._relative_bias(window)
+        params = [p for n, p in self.named_parameters() if n.startswith(("cpb_mlp", "relative_position"))]
+        stamp = tuple((id(p), p._version, p.device, p.dtype) for p in params)
+        cached = self._cache.get(("bias", window))
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, self._relative_bias(window))
+            self._cache[("bias", window)] = cached
+        return cached[1]
+
+    def _relative_bias(self, window: Size2) -> torch.Tensor:
         N = window[0] * window[1]
         table = self.bias_table(window)
         index = self._cached("index", window, table.device)
@@ -304,13 +325,22 @@ class WindowAttention(nn.Module):
         qkv = qkv.reshape(B_, N, 3, nH, C // nH).permute(2, 0, 3, 1, 4)  # (3, B_, nH, N, d)
         q, k, v = qkv.unbind(0)
 
+        rel = self.relative_bias(window)  # (nH, N, N) or None
+        if self.fused_attn:
+            x = self._fused(q, k, v, rel, mask)
+        else:
+            x = self._reference(q, k, v, rel, mask)
+        x = x.transpose(1, 2).reshape(B_, N, C)  # (B_, N, C)
+        return self.proj_drop(self.proj(x))
+
+    def _reference(self, q, k, v, rel, mask) -> torch.Tensor:
+        """(B_, nH, N, d) each -> (B_, nH, N, d), step by step as the official code does."""
+        B_, nH, N, _ = q.shape
         if self.attn_type == "cosine":
             attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)  # (B_, nH, N, N)
             attn = attn * torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
         else:
-            attn = (q * (C // nH) ** -0.5) @ k.transpose(-2, -1)  # (B_, nH, N, N)
-
-        rel = self.relative_bias(window)
+            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B_, nH, N, N)
         if rel is not None:
             attn = attn + rel.unsqueeze(0)
         if mask is not None:
@@ -318,9 +348,27 @@ class WindowAttention(nn.Module):
             attn = attn.view(B_ // nW, nW, nH, N, N) + mask[None, :, None].to(attn.dtype)
             attn = attn.view(B_, nH, N, N)
         attn = self.attn_drop(attn.softmax(dim=-1))
+        return attn @ v
 
-        x = (attn @ v).transpose(1, 2).reshape(B_, N, C)  # (B_, N, C)
-        return self.proj_drop(self.proj(x))
+    def _fused(self, q, k, v, rel, mask) -> torch.Tensor:
+        """The same attention through one scaled_dot_product_attention call: the cosine
+        normalisation and the clamped logit scale are folded into q and k, and position bias
+        plus mask become the additive mask."""
+        B_, nH, N, _ = q.shape
+        scale = None
+        if self.attn_type == "cosine":
+            q = F.normalize(q, dim=-1) * torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
+            k = F.normalize(k, dim=-1)
+            scale = 1.0
+        bias = None if rel is None else rel.unsqueeze(0).to(q.dtype)  # (1, nH, N, N)
+        if mask is not None:
+            # Fused kernels take a 4-D mask, so the per-window mask is expanded over the batch.
+            nW = mask.shape[0]
+            m = mask[:, None].to(q.dtype)  # (nW, 1, N, N)
+            bias = m if bias is None else bias + m  # (nW, nH | 1, N, N)
+            bias = bias.expand(B_ // nW, nW, nH, N, N).reshape(B_, nH, N, N)
+        drop = self.attn_drop.p if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop, scale=scale)
 
 
 class Mlp(nn.Module):

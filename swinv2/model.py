@@ -165,7 +165,8 @@ class SwinTransformerV2Stage(nn.Module):
     def _mask(self, resolution: Size2, window: Size2, shift: Size2, device):
         key = (resolution, window, shift, device)
         if key not in self._mask_cache:
-            self._mask_cache[key] = attention_mask(resolution, window, shift, device)
+            with torch.inference_mode(False):  # usable later by training, whoever fills it
+                self._mask_cache[key] = attention_mask(resolution, window, shift, device)
         return self._mask_cache[key]
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
@@ -501,6 +502,13 @@ class SwinTransformerV2(nn.Module):
         chosen = set(range(self.num_layers) if stages is None else stages)
         for i, stage in enumerate(self.layers):
             stage.grad_checkpointing = bool(enable) and i in chosen
+
+    def set_fused_attn(self, enable: bool = True) -> None:
+        """Use one fused ``scaled_dot_product_attention`` call per window batch (default), or
+        the explicit step-by-step computation of the official code (the reference path)."""
+        for module in self.modules():
+            if isinstance(module, WindowAttention):
+                module.fused_attn = bool(enable)
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters trained without weight decay by the official recipe

@@ -46,7 +46,10 @@ try:
 except ImportError:  # collected as the ``tests`` package
     from tests.helpers import randomize_, rel_err
 
-F32_TOL = 1e-5
+# float32: the fused attention kernel sums in another order than the peers' explicit matmuls,
+# which drifts to ~1e-5 through a randomised network (eager float32 is itself ~2e-5 from the
+# float64 truth); float64 is where exactness is shown.
+F32_TOL = 5e-5
 F64_TOL = 1e-10
 DTYPES = [pytest.param(torch.float32, F32_TOL, id="f32"), pytest.param(torch.float64, F64_TOL, id="f64")]
 
