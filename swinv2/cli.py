@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
 
 import torch
 
+from .bench import IMPLS
 from .layers import to_2tuple
 from .variants import count_parameters, create_model, list_models, variant_table
 
@@ -72,6 +74,45 @@ def cmd_forward(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from . import bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = bench.environment(args.device)
+    rates = {"fp32": bench.matmul_rate(torch.float32, args.device)}
+    if "bf16" in args.dtype:
+        rates["bf16"] = bench.matmul_rate(torch.bfloat16, args.device)
+    print("matmul rate: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()))
+    rows = []
+    for mode in args.mode:
+        for dtype in args.dtype:
+            for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
+                case = bench.Case(args.model, args.img_size, args.batch_size, dtype, mode, compiled, args.device)
+                print(case.label())
+                row = dict(case=vars(case), label=case.label(), **bench.run_speed(case, args.impls, args.rounds))
+                if args.memory:
+                    row["memory"] = {impl: bench.peak_memory(case, impl) for impl in row["results"]}
+                ref = row["results"].get("swinv2")
+                for impl, r in row["results"].items():
+                    ratio = f", x{r['median_s'] / ref['median_s']:.2f} swinv2" if ref else ""
+                    print(f"  {impl:<13} {r['images_per_s']:8.1f} img/s{ratio}")
+                rows.append(row)
+    command = "swinv2 " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "swinv2 bench"
+    text = bench.report_markdown(env, command, rows, rates)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, f"{env['date'][:10]}-{args.model}-{args.device.split(':')[0]}")
+        with open(stem + ".md", "w") as f:
+            f.write(text)
+        with open(stem + ".json", "w") as f:
+            json.dump(dict(environment=env, command=command, matmul_rate=rates, rows=rows), f, indent=1)
+        print(f"report: {stem}.md")
+    else:
+        print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swinv2", description="Swin Transformer V2 models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=cmd_forward)
+
+    p = sub.add_parser("bench", help="throughput and memory against timm, torchvision and transformers")
+    p.add_argument("--model", default="swinv2_tiny_window8_256", choices=list_models(), metavar="NAME")
+    p.add_argument("--img-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32"])
+    p.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer"])
+    p.add_argument("--compile", choices=["off", "on", "both"], default="off", help="torch.compile every model")
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    p.add_argument("--rounds", type=int, default=7, help="timed iterations per implementation")
+    p.add_argument("--memory", action="store_true", help="also measure peak memory (one subprocess each)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", default="benchmarks", help="folder for the dated report ('' to print only)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

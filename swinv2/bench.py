@@ -1,0 +1,277 @@
+"""Side-by-side throughput and memory of swinv2 and the peer SwinV2 implementations.
+
+Every implementation is built at the same configuration and timed in one run, interleaved
+(one iteration of each in turn, the order rotating every round), so that the machine's
+noise hits all of them alike; medians and ratios are reported. The machine's own matrix-
+multiply rate is measured in the same run, to say how close the model gets to it.
+Peak memory is measured per implementation in a fresh subprocess (peak resident set on the
+CPU, ``max_memory_allocated`` on a GPU).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from .variants import create_model, get_variant
+
+IMPLS = ("swinv2", "timm", "torchvision", "transformers")
+# torchvision ships SwinV2 T/S/B at 256 with window 8 only.
+_TV = {"swinv2_tiny_window8_256": "swin_v2_t", "swinv2_small_window8_256": "swin_v2_s",
+       "swinv2_base_window8_256": "swin_v2_b"}
+
+
+@dataclasses.dataclass
+class Case:
+    model: str = "swinv2_tiny_window8_256"
+    img_size: int = 256
+    batch_size: int = 32
+    dtype: str = "fp32"  # fp32 | bf16 (autocast)
+    mode: str = "infer"  # infer | train
+    compile: bool = False
+    device: str = "cpu"
+
+    def label(self) -> str:
+        return (f"{self.model} {self.img_size}px batch {self.batch_size} {self.dtype} {self.mode}"
+                f"{' compiled' if self.compile else ''} on {self.device}")
+
+
+def build(impl: str, case: Case) -> torch.nn.Module:
+    """The implementation's SwinV2 at the case's configuration, with random weights."""
+    v = get_variant(case.model)
+    if impl == "swinv2":
+        return create_model(case.model, img_size=case.img_size, drop_path_rate=0.1)
+    if impl == "timm":
+        from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
+
+        # Built from the same numbers (timm registers no debug, H or G variants; it has no
+        # extra main-branch norm, so H and G compare a slightly cheaper network there).
+        return TimmSwinV2(
+            img_size=case.img_size, embed_dim=v.embed_dim, depths=v.depths, num_heads=v.num_heads,
+            window_size=v.window_size, pretrained_window_sizes=v.pretrained_window_sizes,
+            num_classes=v.num_classes, drop_path_rate=0.1,
+        )
+    if impl == "torchvision":
+        if case.model not in _TV or case.img_size != 256:
+            raise LookupError("torchvision has SwinV2 T/S/B at 256 px with window 8 only")
+        import torchvision
+
+        return getattr(torchvision.models, _TV[case.model])()  # its own stochastic depth (0.2)
+    if impl == "transformers":
+        from transformers import Swinv2Config, Swinv2ForImageClassification
+
+        cfg = Swinv2Config(
+            image_size=case.img_size, patch_size=4, embed_dim=v.embed_dim, depths=list(v.depths),
+            num_heads=list(v.num_heads), window_size=v.window_size, drop_path_rate=0.1,
+            pretrained_window_sizes=list(v.pretrained_window_sizes), num_labels=v.num_classes,
+        )
+        return _Logits(Swinv2ForImageClassification(cfg))
+    raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
+
+
+class _Logits(torch.nn.Module):
+    """Makes a transformers model return a logits tensor like the others."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
+class _Runner:
+    """One implementation, ready to time one iteration of the case."""
+
+    def __init__(self, impl: str, case: Case):
+        self.case = case
+        device = torch.device(case.device)
+        model = build(impl, case).to(device)
+        self.model = model.train() if case.mode == "train" else model.eval()
+        self.fn = torch.compile(self.model) if case.compile else self.model
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(case.batch_size, 3, case.img_size, case.img_size, generator=gen).to(device)
+        self.y = torch.randint(0, 1000, (case.batch_size,), generator=gen).to(device)
+        if case.mode == "train":
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+
+    def _autocast(self):
+        if self.case.dtype == "bf16":
+            return torch.autocast(self.case.device.split(":")[0], dtype=torch.bfloat16)
+        return nullcontext()
+
+    def step(self) -> None:
+        if self.case.mode == "infer":
+            with torch.inference_mode(), self._autocast():
+                self.fn(self.x)
+        else:
+            self.opt.zero_grad(set_to_none=True)
+            with self._autocast():
+                loss = torch.nn.functional.cross_entropy(self.fn(self.x).float(), self.y)
+            loss.backward()
+            self.opt.step()
+        if self.case.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def matmul_rate(dtype: torch.dtype, device: str = "cpu", n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n x n x n matrix multiply on this machine (median of repeats)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    (a @ b), sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def run_speed(case: Case, impls=IMPLS, rounds: int = 7, warmup: int = 2, log=print) -> dict:
+    """Interleaved timing of each implementation; returns per-implementation results."""
+    runners, skipped = {}, {}
+    for impl in impls:
+        try:
+            runners[impl] = _Runner(impl, case)
+        except (ImportError, LookupError) as err:
+            skipped[impl] = str(err)
+            log(f"  {impl}: skipped ({err})")
+    for impl, r in runners.items():
+        log(f"  warming up {impl}")
+        for _ in range(warmup):
+            r.step()
+    times = {impl: [] for impl in runners}
+    order = list(runners)
+    for i in range(rounds):
+        for impl in order[i % len(order):] + order[: i % len(order)]:
+            times[impl].append(_timed(runners[impl].step))
+        log(f"  round {i + 1}/{rounds}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items()))
+    flops = 2 * create_model(case.model, img_size=case.img_size, device="meta").flops(case.img_size)
+    if case.mode == "train":
+        flops *= 3  # forward + backward (about twice the forward)
+    results = {}
+    for impl, ts in times.items():
+        med = statistics.median(ts)
+        results[impl] = dict(
+            median_s=med, min_s=min(ts), max_s=max(ts), images_per_s=case.batch_size / med,
+            flop_rate=flops * case.batch_size / med,
+        )
+    return dict(results=results, skipped=skipped)
+
+
+def peak_memory(case: Case, impl: str) -> int | None:
+    """Peak memory of one iteration, in bytes, measured in a fresh subprocess."""
+    code = (
+        "import json, sys, dataclasses; from swinv2.bench import Case, _measure_memory; "
+        f"print(json.dumps(_measure_memory(Case(**{dataclasses.asdict(case)!r}), {impl!r})))"
+    )
+    # A fixed mmap threshold makes glibc return large freed blocks to the OS at once, so the
+    # resident set follows the tensors that are alive.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800, env=env)
+    if proc.returncode != 0:
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _measure_memory(case: Case, impl: str) -> int | None:
+    """In this process: build, run one warm-up iteration, then the peak of one iteration
+    above the memory held before it (model, optimizer state and inputs excluded)."""
+    runner = _Runner(impl, case)
+    runner.step()
+    if case.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        runner.step()
+        return torch.cuda.max_memory_allocated() - base
+    try:  # hand memory freed by the warm-up back to the OS, so the step cannot hide in it
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/clear_refs", "w") as f:  # resets the peak resident set (VmHWM)
+        f.write("5")
+    base = _status_kb("VmRSS")
+    runner.step()
+    return (_status_kb("VmHWM") - base) * 1024
+
+
+def environment(device: str = "cpu") -> dict:
+    info = dict(
+        date=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), python=platform.python_version(),
+        torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(), machine=platform.machine(),
+    )
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    for pkg in ("timm", "torchvision", "transformers"):
+        try:
+            info[pkg] = __import__(pkg).__version__
+        except ImportError:
+            info[pkg] = "not installed"
+    return info
+
+
+def report_markdown(env: dict, command: str, rows: list[dict], rates: dict) -> str:
+    lines = [
+        f"# swinv2 bench, {env['date']}",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Machine: " + ", ".join(f"{k} {env[k]}" for k in ("cpu", "cpus", "threads", "machine") if k in env)
+        + (f", GPU {env['gpu']}" if "gpu" in env else ""),
+        "Versions: " + ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "timm", "torchvision", "transformers")),
+        "",
+        "Matrix-multiply rate measured in this run (2048^3): "
+        + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()),
+        "",
+        "Medians of interleaved iterations; `x swinv2` is the implementation's time over swinv2's"
+        " (above 1: swinv2 is faster). `of matmul rate`: model FLOPs per second (official count,"
+        " training step = 3x forward) over the measured rate for that dtype.",
+        "",
+        "| case | implementation | images/s | median ms | x swinv2 | of matmul rate | peak memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        res, ref = row["results"], row["results"].get("swinv2")
+        rate = rates.get("bf16" if row["case"]["dtype"] == "bf16" else "fp32")
+        for impl, r in res.items():
+            ratio = f"{r['median_s'] / ref['median_s']:.2f}" if ref else "-"
+            frac = f"{r['flop_rate'] / rate:.0%}" if rate else "-"
+            mem = row.get("memory", {}).get(impl)
+            mem = f"{mem / 2**20:.0f} MiB" if mem else "-"
+            lines.append(f"| {row['label']} | {impl} | {r['images_per_s']:.1f} | {r['median_s'] * 1e3:.0f} | "
+                         f"{ratio} | {frac} | {mem} |")
+        for impl, why in row.get("skipped", {}).items():
+            lines.append(f"| {row['label']} | {impl} | skipped: {why} | | | | |")
+    return "\n".join(lines) + "\n"

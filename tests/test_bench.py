@@ -1,0 +1,58 @@
+"""swinv2 bench: the numbers it reports are computed correctly from what it measures."""
+
+import pytest
+import torch
+
+from swinv2 import bench
+from swinv2.cli import main
+
+
+def test_run_speed_interleaves_and_reports_ratios():
+    pytest.importorskip("timm")
+    case = bench.Case(model="swinv2_debug", img_size=64, batch_size=2)
+    out = bench.run_speed(case, impls=("swinv2", "timm", "torchvision"), rounds=3, warmup=1, log=lambda *_: None)
+    assert set(out["results"]) == {"swinv2", "timm"}
+    assert "torchvision" in out["skipped"] and "window 8" in out["skipped"]["torchvision"]
+    for r in out["results"].values():
+        assert r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert r["images_per_s"] == pytest.approx(2 / r["median_s"])
+
+
+def test_same_network_across_implementations():
+    """The peers are built at the case's configuration: same parameter count as swinv2."""
+    pytest.importorskip("timm")
+    pytest.importorskip("transformers")
+    case = bench.Case(model="swinv2_debug", img_size=64, batch_size=1)
+    counts = {impl: sum(p.numel() for p in bench.build(impl, case).parameters())
+              for impl in ("swinv2", "timm", "transformers")}
+    assert len(set(counts.values())) == 1, counts
+
+
+def test_report_ratios_and_rate_fraction():
+    rows = [dict(case=dict(dtype="fp32"), label="c", results={
+        "swinv2": dict(median_s=0.5, images_per_s=4.0, flop_rate=50e9),
+        "timm": dict(median_s=0.75, images_per_s=2.67, flop_rate=33e9),
+    }, memory={"swinv2": 3 * 2**20}, skipped={"torchvision": "no such variant"})]
+    text = bench.report_markdown(bench.environment(), "swinv2 bench", rows, {"fp32": 100e9})
+    assert "| c | swinv2 | 4.0 | 500 | 1.00 | 50% | 3 MiB |" in text
+    assert "| c | timm | 2.7 | 750 | 1.50 | 33% | - |" in text
+    assert "skipped: no such variant" in text
+
+
+def test_peak_memory_grows_with_batch():
+    small = bench._measure_memory(bench.Case(model="swinv2_debug", img_size=64, batch_size=1), "swinv2")
+    large = bench._measure_memory(bench.Case(model="swinv2_debug", img_size=64, batch_size=32), "swinv2")
+    assert 0 < small < large
+
+
+def test_matmul_rate_is_positive_and_scales():
+    assert bench.matmul_rate(torch.float32, n=256, repeats=3) > 1e8
+
+
+def test_cli_writes_a_dated_report(tmp_path, capsys):
+    assert main(["bench", "--model", "swinv2_debug", "--img-size", "64", "--batch-size", "2", "--rounds", "2",
+                 "--impls", "swinv2", "--out", str(tmp_path)]) == 0
+    reports = list(tmp_path.glob("*-swinv2_debug-cpu.md"))
+    assert len(reports) == 1 and (tmp_path / reports[0].name.replace(".md", ".json")).exists()
+    text = reports[0].read_text()
+    assert "Matrix-multiply rate" in text and "| swinv2 |" in text
