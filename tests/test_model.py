@@ -377,6 +377,32 @@ def test_fused_attention_equals_reference_path(switch):
     assert rel_err(fused32, truth) < max(2 * rel_err(eager32, truth), 1e-6)
 
 
+@pytest.mark.parametrize("switch", [{}, dict(attn_type="dot"), dict(position_bias="none")], ids=str)
+def test_cpu_half_precision_kernel_equals_reference(switch, monkeypatch):
+    """The batched-matmul kernel used for bf16/fp16 on CPUs, run in float64 through the same
+    code, equals the reference path; in bf16 it is as accurate as the reference."""
+    from swinv2.layers import WindowAttention
+
+    model = debug_model(seed=7, **switch).eval().double()
+    x = torch.randn(2, 3, 36, 52, dtype=torch.float64)
+    calls = []
+    baddbmm = torch.baddbmm
+    monkeypatch.setattr(torch, "baddbmm", lambda *a, **k: calls.append(1) or baddbmm(*a, **k))
+    with torch.no_grad():
+        model.set_fused_attn(False)
+        truth = model(x)
+        monkeypatch.setattr(WindowAttention, "cpu_bmm_dtypes", (torch.float64, torch.bfloat16))
+        model.set_fused_attn(True)
+        assert rel_err(model(x), truth) < 1e-12
+        assert len(calls) == 8  # every block took the batched-matmul kernel
+        model.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused16 = model(x.float())
+            model.set_fused_attn(False)
+            eager16 = model(x.float())
+    assert rel_err(fused16, truth) < 1.5 * rel_err(eager16, truth)
+
+
 def test_fused_attention_gradients_equal_reference():
     x = torch.randn(2, 3, 36, 52, dtype=torch.float64)
     grads = []
