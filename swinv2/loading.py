@@ -1,22 +1,36 @@
 """Loading state dicts into a SwinTransformerV2, with a report of what happened.
 
-Files are read without running code: safetensors, or ``torch.load(weights_only=True)``.
+Files are read without running code: safetensors, or ``torch.load(weights_only=True)``. Any
+layout :mod:`swinv2.convert` knows (official, SimMIM, timm, transformers, torchvision,
+mmpretrain) is detected and converted to the official one first.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .convert import DERIVED_BUFFERS, UnknownFormatError, detect_format, to_official
 from .layers import relative_coords_table
 
-# Buffers the official code stores in checkpoints; here they are derived from the input size
-# and window at forward time, so they are dropped on load.
-DERIVED_BUFFERS = ("relative_coords_table", "relative_position_index", "attn_mask")
+# DERIVED_BUFFERS (re-exported here): buffers the official code stores in checkpoints; swinv2
+# derives them from the input size and window at forward time, so they are dropped on load.
+HEAD_MODES = ("keep", "auto", "drop")
+HEAD_PREFIX = "head."
+__all__ = [
+    "DERIVED_BUFFERS",
+    "HEAD_MODES",
+    "CheckpointError",
+    "LoadReport",
+    "StateDictMismatchError",
+    "load_pretrained",
+    "read_state_dict",
+    "unwrap_state_dict",
+]
 
 
 class CheckpointError(ValueError):
@@ -29,7 +43,14 @@ class StateDictMismatchError(ValueError):
 
 @dataclass
 class LoadReport:
-    """What :func:`load_pretrained` did. ``str(report)`` gives a readable summary."""
+    """What :func:`load_pretrained` did. ``str(report)`` gives a readable summary.
+
+    ``format``: the checkpoint's layout (see :func:`swinv2.convert.detect_format`); ``notes``:
+    what its conversion did, and other remarks; ``dropped``: the derived buffers left out;
+    ``discarded``: checkpoint tensors left out on purpose (a SimMIM decoder and mask token, a
+    head that does not fit under ``head="auto"``); ``head``: what happened to the classifier
+    when anything but a plain load.
+    """
 
     source: str
     loaded: list[str] = field(default_factory=list)
@@ -38,15 +59,22 @@ class LoadReport:
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    format: str = ""
+    discarded: list[str] = field(default_factory=list)
+    head: str = ""
 
     @property
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def __str__(self) -> str:
-        lines = [f"loaded {len(self.loaded)} tensors from {self.source}"]
+        fmt = f" ({self.format} layout)" if self.format else ""
+        lines = [f"loaded {len(self.loaded)} tensors from {self.source}{fmt}"]
         if self.dropped:
             lines.append(f"dropped {len(self.dropped)} derived buffers ({', '.join(DERIVED_BUFFERS)})")
+        lines += _name_list("checkpoint tensors not loaded on purpose", self.discarded)
+        if self.head:
+            lines.append(f"head: {self.head}")
         lines += _name_list("missing from the checkpoint", self.missing)
         lines += _name_list("not in the model", self.unexpected)
         lines += _name_list(
@@ -107,44 +135,132 @@ def load_pretrained(
     model: nn.Module,
     source: str | os.PathLike | Mapping[str, torch.Tensor],
     strict: bool = True,
+    *,
+    fmt: str | None = None,
+    head: str = "keep",
+    head_map: Sequence[int] | torch.Tensor | str | os.PathLike | None = None,
 ) -> LoadReport:
-    """Load an official-layout state dict (bare or wrapped in {'model': ...}, with or without
-    the derived buffers) into ``model`` and return a :class:`LoadReport`.
+    """Load a state dict (a file, or a mapping; bare or wrapped in {'model': ...}) into ``model``
+    and return a :class:`LoadReport`.
 
-    With ``strict=True`` any missing, unexpected or mis-shaped key raises
+    The layout is detected (or given as ``fmt``: official, simmim, swinv2, timm, hf, torchvision,
+    mmpretrain) and converted to the official one by :mod:`swinv2.convert`; the report names
+    the format and what the conversion did. Derived buffers are dropped (their coordinates
+    checked against the model); a SimMIM checkpoint's decoder and mask token are left out.
+
+    ``head`` decides what happens to the classifier (``head.weight`` / ``head.bias``):
+
+    - ``"keep"`` (default): it is loaded like every other tensor; a missing or mis-shaped head
+      is an error under ``strict``;
+    - ``"auto"``: loaded if its shapes fit the model; otherwise (another class count, a model
+      without a head) it is dropped, and a checkpoint without a head leaves the model's head at
+      its initialisation; the report says which;
+    - ``"drop"``: never loaded; the model's head keeps its initialisation.
+
+    ``head_map`` selects checkpoint head rows before that, e.g. the 1000 ImageNet-1k rows of an
+    ImageNet-22k head (the official ``data/map22kto1k.txt``): a sequence of row indices, or the
+    path of a text file with one index per line.
+
+    With ``strict=True`` any other missing, unexpected or mis-shaped key raises
     :class:`StateDictMismatchError` naming them, and the model is left untouched. With
     ``strict=False`` the matching tensors are loaded and the rest reported.
     """
+    if head not in HEAD_MODES:
+        raise ValueError(f"head must be one of {HEAD_MODES}, got {head!r}")
+    if head_map is not None and head == "drop":
+        raise ValueError("head_map selects rows of a head that head='drop' would not load")
     if isinstance(source, Mapping):
         name, state = "state dict", unwrap_state_dict(source)
     else:
         name, state = os.fspath(source), read_state_dict(source)
 
-    report = LoadReport(source=name)
+    try:
+        report_format = detect_format(state) if fmt is None else fmt
+    except UnknownFormatError as err:
+        raise UnknownFormatError(f"{name}: {err}") from None
+    state, notes = to_official(state, report_format)
+    report = LoadReport(source=name, format=report_format, notes=list(notes))
+    report.discarded += getattr(notes, "dropped", [])
     for key in list(state):
         if key.rsplit(".", 1)[-1] in DERIVED_BUFFERS:
             report.dropped.append(key)
             tensor = state.pop(key)
             if key.endswith("relative_coords_table"):
                 _check_coords(model, key, tensor, report)
-    # Older official SimMIM checkpoints call the position-bias MLP rpe_mlp.
-    for key in [k for k in state if ".rpe_mlp." in k]:
-        state[key.replace(".rpe_mlp.", ".cpb_mlp.")] = state.pop(key)
 
     own = model.state_dict()
-    report.missing = [k for k in own if k not in state]
+    exempt = _resolve_head(state, own, head, head_map, report)  # model head keys not required
+    report.missing = [k for k in own if k not in state and k not in exempt]
     report.unexpected = [k for k in state if k not in own]
     report.mismatched = [
         (k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
         if k in own and v.shape != own[k].shape
     ]
     if strict and not report.ok:
-        raise StateDictMismatchError(f"state dict does not fit the model\n{report}")
+        hint = ""
+        if any(k.startswith(HEAD_PREFIX) for k in report.missing + report.unexpected) or any(
+            k.startswith(HEAD_PREFIX) for k, _, _ in report.mismatched
+        ):
+            hint = "\n(the classifier head does not fit: head='auto' or head='drop' loads the rest)"
+        raise StateDictMismatchError(f"state dict does not fit the model\n{report}{hint}")
     bad = {k for k, _, _ in report.mismatched}
     loadable = {k: v for k, v in state.items() if k in own and k not in bad}
     model.load_state_dict(loadable, strict=False)
     report.loaded = sorted(loadable)
     return report
+
+
+def _read_head_map(head_map) -> torch.Tensor:
+    if isinstance(head_map, (str, os.PathLike)):
+        with open(head_map) as f:
+            rows = [int(tok) for line in f for tok in line.split()]
+    else:
+        rows = head_map.tolist() if isinstance(head_map, torch.Tensor) else [int(i) for i in head_map]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _resolve_head(state: dict, own: Mapping, head: str, head_map, report: LoadReport) -> set[str]:
+    """Apply ``head`` / ``head_map`` to the converted ``state`` (in place) and say so in the
+    report; returns the model head keys that may stay missing."""
+    ckpt = sorted(k for k in state if k.startswith(HEAD_PREFIX))
+    model_keys = {k for k in own if k.startswith(HEAD_PREFIX)}
+    rows = _classes(state)
+    if head_map is not None:
+        if not ckpt:
+            raise ValueError("head_map given, but the checkpoint has no head")
+        index = _read_head_map(head_map)
+        if index.numel() and (index.min() < 0 or index.max() >= rows):
+            raise ValueError(f"head_map indices must lie in [0, {rows}), got {index.min()}..{index.max()}")
+        for key in ckpt:
+            state[key] = state[key].index_select(0, index)
+        report.head = f"selected {index.numel()} of the checkpoint's {rows} head rows with head_map"
+        rows = index.numel()
+    if head == "keep":
+        return set()
+    if not ckpt:
+        if model_keys:
+            report.head = "the checkpoint has no head; the model's head keeps its initialisation"
+        return model_keys
+    fits = model_keys == set(ckpt) and all(state[k].shape == own[k].shape for k in ckpt)
+    if head == "auto" and fits:
+        return set()
+    for key in ckpt:
+        state.pop(key)
+    report.discarded += ckpt
+    if head == "drop":
+        why = "head='drop'"
+    elif not model_keys:
+        why = "the model has no head"
+    else:
+        why = f"it does not fit the model's head ({_classes(own)} classes)"
+    kept = "; the model's head keeps its initialisation" if model_keys else ""
+    report.head = f"dropped the checkpoint's head ({rows} classes): {why}{kept}"
+    return model_keys
+
+
+def _classes(state: Mapping) -> int:
+    w = state.get("head.weight", state.get("head.bias"))
+    return int(w.shape[0]) if w is not None else 0
 
 
 def _check_coords(model: nn.Module, key: str, table: torch.Tensor, report: LoadReport) -> None:
