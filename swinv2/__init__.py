@@ -1,5 +1,15 @@
 """Swin Transformer V2 in PyTorch: exact to the official numerics, any input size."""
 
+from . import convert, hub
+from .hub import (
+    DownloadError,
+    PretrainedWeights,
+    download,
+    get_pretrained,
+    list_pretrained,
+    load_model,
+    save_pretrained,
+)
 from .loading import CheckpointError, LoadReport, StateDictMismatchError, load_pretrained
 from .model import SwinTransformerV2
 from .variants import create_model, list_models
@@ -7,10 +17,19 @@ from .variants import create_model, list_models
 __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
+    "DownloadError",
     "LoadReport",
+    "PretrainedWeights",
     "StateDictMismatchError",
     "SwinTransformerV2",
+    "convert",
     "create_model",
+    "download",
+    "get_pretrained",
+    "hub",
     "list_models",
+    "list_pretrained",
+    "load_model",
     "load_pretrained",
+    "save_pretrained",
 ]

@@ -13,6 +13,7 @@ import time
 import torch
 
 from .bench import IMPLS
+from .hub import DownloadError
 from .layers import to_2tuple
 from .variants import count_parameters, create_model, list_models, variant_table
 
@@ -113,6 +114,69 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from . import convert, hub
+    from .loading import DERIVED_BUFFERS, read_state_dict
+
+    if hub.is_swinv2_file(args.input):
+        model = hub.load_model(args.input)
+        state, fmt = model.state_dict(), "swinv2"
+    else:
+        state = read_state_dict(args.input)
+        fmt = args.from_format or convert.detect_format(state)
+        state, notes = convert.to_official(state, fmt)
+        for note in notes:
+            print(f"note: {note}")
+        state = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in DERIVED_BUFFERS}
+        model = None
+    print(f"read {args.input}: {fmt} layout, {len(state)} tensors")
+    if args.to == "swinv2":
+        if model is None:
+            if not args.model:
+                raise ValueError("--to swinv2 needs --model NAME (the architecture the weights belong to)")
+            num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
+            model = create_model(args.model, num_classes=num_classes, **_size_overrides(args))
+            from .loading import load_pretrained
+
+            load_pretrained(model, state)
+        hub.save_pretrained(model, args.output)
+    else:
+        out = convert.from_official(state, args.to)
+        if args.output.endswith(".safetensors"):
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in out.items()}, args.output)
+        else:
+            torch.save({"model": out} if args.to == "official" else out, args.output)
+    print(f"wrote {args.output}: {args.to} layout")
+    return 0
+
+
+def _size_overrides(args) -> dict:
+    out = {}
+    if getattr(args, "img_size", None):
+        out["img_size"] = args.img_size
+    if getattr(args, "window", None):
+        out["window_size"] = args.window
+    return out
+
+
+def cmd_pretrained(args) -> int:
+    from . import hub
+
+    weights = [hub.get_pretrained(n) for n in hub.list_pretrained(args.pattern)]
+    if args.json:
+        print(json.dumps([w.as_dict() for w in weights], indent=2))
+        return 0
+    print(f"{'weights':<52} {'image':>5} {'window':>6} {'classes':>7} {'top-1':>6}  eval crop")
+    for w in weights:
+        top1 = f"{w.top1:.1f}" if w.top1 else "-"
+        crop = f"resize {w.resize_size}, crop {w.img_size}" if w.crop_mode == "center" else f"resize {w.img_size}"
+        print(f"{w.name:<52} {w.img_size:>5} {w.window_size:>6} {w.num_classes:>7} {top1:>6}  {crop}")
+    print(f"cache: {hub.get_cache_dir()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swinv2", description="Swin Transformer V2 models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=cmd_forward)
+
+    p = sub.add_parser("convert", help="convert a checkpoint between layouts (official, timm, hf, ...)")
+    p.add_argument("input", help="checkpoint in any known layout (detected)")
+    p.add_argument("output", help=".safetensors or .pth")
+    p.add_argument("--to", required=True, choices=["swinv2", "official", "timm", "hf", "torchvision", "mmpretrain"])
+    p.add_argument("--from", dest="from_format", default=None, help="input layout (default: detect)")
+    p.add_argument("--model", default=None, metavar="NAME", help="architecture, needed for --to swinv2")
+    p.add_argument("--img-size", type=_size, default=None, help="with --to swinv2: the model's image size")
+    p.add_argument("--window", type=int, default=None, help="with --to swinv2: the model's window")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("pretrained", help="the released weights that create_model(pretrained=True) knows")
+    p.add_argument("pattern", nargs="?", default=None, help="shell-style filter, e.g. '*base*'")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pretrained)
 
     p = sub.add_parser("bench", help="throughput and memory against timm, torchvision and transformers")
     p.add_argument("--model", default="swinv2_tiny_window8_256", choices=list_models(), metavar="NAME")
@@ -151,7 +230,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError, DownloadError) as err:  # incl. checkpoint errors
         print(f"swinv2: error: {err}", file=sys.stderr)
         return 2
 

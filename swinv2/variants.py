@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .loading import load_pretrained
+from . import hub
+from .loading import CheckpointError, load_pretrained, read_state_dict
 from .model import SwinTransformerV2
 
 
@@ -113,31 +115,85 @@ def get_variant(name: str) -> Variant:
 
 
 def create_model(
-    name: str,
+    name: str | None = None,
     pretrained: bool | str | os.PathLike | Mapping[str, torch.Tensor] = False,
     device: str | torch.device | None = None,
     **overrides,
 ) -> SwinTransformerV2:
     """Build a variant by name; keyword arguments override its constructor arguments.
 
-    ``pretrained``: a checkpoint path or a state dict to load (see :func:`load_pretrained`).
-    ``device``: where to build; ``"meta"`` builds without allocating memory (for planning
-    and sharded initialisation of the large sizes).
+    ``pretrained``:
+
+    - ``True``: the registered weights of ``name`` (``arch.tag``, or ``arch`` for its default
+      tag; see :func:`swinv2.hub.list_pretrained`), downloaded into the cache on first use;
+    - a file written by :func:`swinv2.hub.save_pretrained`: the model is rebuilt from the
+      file's own config (``name`` may then be None; overrides still apply);
+    - any other checkpoint path, an ``http(s)://`` URL, or a state dict: loaded into the named
+      architecture (see :func:`load_pretrained`).
+
+    A ``num_classes`` override that differs from the registered weights' (or a swinv2 file's)
+    leaves the head freshly initialised. ``device``: where to build; ``"meta"`` builds without
+    allocating memory (for planning and sharded initialisation of the large sizes).
     """
-    kwargs = get_variant(name).kwargs()
+    variant = get_variant(name) if name is not None else None
+    if isinstance(pretrained, (str, os.PathLike)) and hub._is_url(pretrained):
+        pretrained = hub.download(pretrained)
+    if isinstance(pretrained, (str, os.PathLike)) and hub.is_swinv2_file(pretrained):
+        model = hub.load_model(pretrained, device=device, **overrides)
+        if variant is not None and _structure(model.config) != _structure(variant.kwargs()):
+            warnings.warn(
+                f"{os.fspath(pretrained)} holds a model of another structure than {name!r}; "
+                "it was built from the file's own config",
+                stacklevel=2,
+            )
+        return model
+    if variant is None:
+        if isinstance(pretrained, (str, os.PathLike)):
+            raise ValueError(
+                f"{os.fspath(pretrained)} is not a file written by swinv2.hub.save_pretrained, so it does not "
+                "say which architecture it is: create_model needs a model name to load it into "
+                "(see list_models())"
+            )
+        raise ValueError(
+            "create_model needs a model name (see list_models()), unless pretrained is a file written "
+            "by swinv2.hub.save_pretrained"
+        )
+
+    kwargs = variant.kwargs()
+    weights = None
+    if pretrained is True:
+        try:
+            weights = hub.get_pretrained(name)
+        except ValueError as err:
+            raise ValueError(f"pretrained=True: {err}") from None  # names tags and "checkpoint path"
+        kwargs["num_classes"] = weights.num_classes
+        path = hub.download(weights.name)  # before building: fail fast when offline
     kwargs.update(overrides)
     if device is not None:
         with torch.device(device):
             model = SwinTransformerV2(**kwargs)
     else:
         model = SwinTransformerV2(**kwargs)
-    if pretrained is True:
-        raise ValueError(
-            "pretrained=True needs a weight registry; pass a checkpoint path or a state dict instead"
-        )
-    if pretrained is not False and pretrained is not None:
+
+    if weights is not None:
+        try:
+            state = read_state_dict(path)
+        except CheckpointError as err:
+            hint = f"(the cached download {path} may be damaged: delete it to fetch it again)"
+            raise CheckpointError(f"{err}\n{hint}") from err
+        drop_head = kwargs["num_classes"] != weights.num_classes
+        hub.load_state(model, state, source=f"{weights.name} ({path})", drop_head=drop_head)
+    elif pretrained is not False and pretrained is not None:
         load_pretrained(model, pretrained)
     return model
+
+
+def _structure(config: Mapping) -> tuple:
+    """What decides the shapes of the weights, to compare a file's config with a variant."""
+    return tuple(
+        tuple(config[k]) if isinstance(config[k], (list, tuple)) else config[k]
+        for k in ("embed_dim", "depths", "num_heads")
+    )
 
 
 def count_parameters(model: torch.nn.Module) -> int:

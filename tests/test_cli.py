@@ -41,3 +41,46 @@ def test_console_script_entry_point():
     proc = subprocess.run([sys.executable, "-m", "swinv2.cli", "list", "swinv2_debug"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "swinv2_debug" in proc.stdout
+
+
+def test_convert_timm_checkpoint_both_ways(tmp_path, capsys):
+    import pytest
+    import torch
+    from helpers import randomize_, rel_err
+
+    import swinv2
+
+    timm_v2 = pytest.importorskip("timm.models.swin_transformer_v2")
+    peer = randomize_(timm_v2.SwinTransformerV2(img_size=64, window_size=4, embed_dim=32, depths=(2, 2, 2, 2),
+                                                num_heads=(2, 4, 8, 16), num_classes=10), 3).eval()
+    torch.save(peer.state_dict(), tmp_path / "timm.pth")
+    x = torch.randn(2, 3, 64, 64)
+
+    assert main(["convert", str(tmp_path / "timm.pth"), str(tmp_path / "own.safetensors"),
+                 "--to", "swinv2", "--model", "swinv2_debug"]) == 0
+    assert "timm layout" in capsys.readouterr().out
+    ours = swinv2.create_model(pretrained=tmp_path / "own.safetensors").eval()
+    with torch.no_grad():
+        assert rel_err(ours(x), peer(x)) < 5e-5
+
+    assert main(["convert", str(tmp_path / "own.safetensors"), str(tmp_path / "back.pth"), "--to", "timm"]) == 0
+    again = timm_v2.SwinTransformerV2(img_size=64, window_size=4, embed_dim=32, depths=(2, 2, 2, 2),
+                                      num_heads=(2, 4, 8, 16), num_classes=10).eval()
+    again.load_state_dict(torch.load(tmp_path / "back.pth", weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(again(x), peer(x))
+
+
+def test_convert_bad_input_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    assert main(["convert", str(tmp_path / "bad.pth"), str(tmp_path / "o.pth"), "--to", "timm"]) == 2
+    assert "bad.pth" in capsys.readouterr().err
+    assert not (tmp_path / "o.pth").exists()
+    assert main(["convert", str(tmp_path / "missing.pth"), str(tmp_path / "o.pth"), "--to", "timm"]) == 2
+
+
+def test_pretrained_table(capsys):
+    assert main(["pretrained", "*384*"]) == 0
+    out = capsys.readouterr().out
+    assert "swinv2_large_window12to24_192to384.ms_in22k_ft_in1k" in out and "87.6" in out
+    assert "resize 384" in out and "swinv2_tiny" not in out
