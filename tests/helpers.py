@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -41,3 +44,26 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
+
+
+FIXTURES = Path(
+    os.environ.get("SWINV2_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official")
+)
+
+
+def official_fixture(name: str):
+    """(json config, official state dict, the ``__name__`` extra tensors) of a fixture case.
+
+    A missing fixture skips locally and fails under CI, so CI cannot pass without it."""
+    import pytest
+    from safetensors.torch import load_file
+
+    if not (FIXTURES / f"{name}.safetensors").exists():
+        message = f"fixture {name} not found under {FIXTURES} (set SWINV2_FIXTURES)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    config = json.loads((FIXTURES / f"{name}.json").read_text())
+    tensors = load_file(FIXTURES / f"{name}.safetensors")
+    extras = {k: tensors.pop(k) for k in list(tensors) if k.startswith("__")}
+    return config, tensors, extras

@@ -11,15 +11,12 @@ reduction, against an ``nn.Unfold`` emulation of its merging. SimMIM uses the of
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randomize_, rel_err
+from helpers import official_fixture, randomize_, rel_err
 
 import swinv2
 import swinv2.layers
@@ -37,9 +34,6 @@ from swinv2.loading import StateDictMismatchError
 F32_TOL, F64_TOL = 5e-5, 1e-10
 DTYPES = [pytest.param(torch.float32, F32_TOL, id="f32"), pytest.param(torch.float64, F64_TOL, id="f64")]
 ARCH = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), num_classes=10)
-FIXTURES = Path(
-    os.environ.get("SWINV2_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official")
-)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -59,20 +53,6 @@ def _images(size, seed: int = 0) -> torch.Tensor:
     torch.manual_seed(seed)
     hw = (size, size) if isinstance(size, int) else tuple(size)
     return torch.randn(2, 3, *hw)
-
-
-def _fixture(name: str):
-    from safetensors.torch import load_file
-
-    if not (FIXTURES / f"{name}.safetensors").exists():
-        message = f"fixture {name} not found under {FIXTURES} (set SWINV2_FIXTURES)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    config = json.loads((FIXTURES / f"{name}.json").read_text())
-    tensors = load_file(FIXTURES / f"{name}.safetensors")
-    extras = {k: tensors.pop(k) for k in list(tensors) if k.startswith("__")}
-    return config, tensors, extras
 
 
 def _equal_dicts(a: dict, b: dict) -> None:
@@ -241,7 +221,7 @@ NOT_STORED = {
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_official_round_trip_is_exact_and_detected(fmt):
-    _, official, _ = _fixture("official_w8_from_pretrained_w4_img64")
+    _, official, _ = official_fixture("official_w8_from_pretrained_w4_img64")
     written = from_official(official, fmt)
     assert detect_format(written) == fmt
     back, _ = to_official(written)  # detected again
@@ -366,7 +346,7 @@ def test_official_simmim_fixture_encoder():
     """The official SimMIM fixture: the encoder loads strictly (decoder and mask token reported
     dropped) and, with the checkpoint's mask token put back by hand, reproduces the official
     encoder output in float64."""
-    config, state, extras = _fixture("official_simmim_img64")
+    config, state, extras = official_fixture("official_simmim_img64")
     assert detect_format(state) == "simmim"
     model = _ours(**config["official_encoder_args"])
     report = swinv2.load_pretrained(model, state)

@@ -1,39 +1,19 @@
 """Outputs of the official code (../shared/fixtures/official) reproduced after loading its
 state dicts: within 1e-9 relative error in float64 and 1e-4 in float32."""
 
-import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import official_fixture, rel_err
 
 import swinv2
 
-FIXTURES = Path(
-    os.environ.get("SWINV2_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official")
-)
 CLASSIFIERS = ["official_tiny_w4_img64", "official_w8_from_pretrained_w4_img64"]
-
-
-def _case(name):
-    from safetensors.torch import load_file
-
-    if not (FIXTURES / f"{name}.safetensors").exists():
-        message = f"fixture {name} not found under {FIXTURES} (set SWINV2_FIXTURES)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    config = json.loads((FIXTURES / f"{name}.json").read_text())
-    tensors = load_file(FIXTURES / f"{name}.safetensors")
-    extras = {k: tensors.pop(k) for k in list(tensors) if k.startswith("__")}
-    return config, tensors, extras
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)
 def test_float64_logits_and_features(name):
-    config, state, extras = _case(name)
+    config, state, extras = official_fixture(name)
     model = swinv2.SwinTransformerV2(**config["official_constructor_args"]).eval()
     report = swinv2.load_pretrained(model, state)
     assert report.ok and report.dropped, report
@@ -49,7 +29,7 @@ def test_float64_logits_and_features(name):
 
 @pytest.mark.parametrize("name", CLASSIFIERS)
 def test_float32_logits(name):
-    config, state, extras = _case(name)
+    config, state, extras = official_fixture(name)
     model = swinv2.SwinTransformerV2(**config["official_constructor_args"]).eval()
     swinv2.load_pretrained(model, {"model": state})  # the wrapped form of official .pth files
     with torch.no_grad():
@@ -59,7 +39,7 @@ def test_float32_logits(name):
 
 
 def test_buffers_are_optional():
-    config, state, extras = _case(CLASSIFIERS[0])
+    config, state, extras = official_fixture(CLASSIFIERS[0])
     bare = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in swinv2.loading.DERIVED_BUFFERS}
     assert len(bare) < len(state)
     model = swinv2.SwinTransformerV2(**config["official_constructor_args"]).eval().double()
@@ -72,7 +52,7 @@ def test_buffers_are_optional():
 def test_wrong_pretrained_windows_are_noticed_and_matter():
     """Built without the checkpoint's pretrained_window_sizes, the model computes other
     position biases: the loader says so, and the outputs no longer match."""
-    config, state, extras = _case("official_w8_from_pretrained_w4_img64")
+    config, state, extras = official_fixture("official_w8_from_pretrained_w4_img64")
     args = dict(config["official_constructor_args"], pretrained_window_sizes=[0, 0, 0, 0])
     model = swinv2.SwinTransformerV2(**args).eval()
     report = swinv2.load_pretrained(model, state)
@@ -90,5 +70,5 @@ def test_logit_scale_clamp_uses_float32_ln100():
 
     assert layers.LOGIT_SCALE_MAX == float(torch.tensor(100.0).log())
     assert layers.LOGIT_SCALE_MAX != math.log(100)
-    config, state, extras = _case(CLASSIFIERS[0])
+    config, state, extras = official_fixture(CLASSIFIERS[0])
     assert any((v > layers.LOGIT_SCALE_MAX).any() for k, v in state.items() if k.endswith("logit_scale"))
