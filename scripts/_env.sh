@@ -16,7 +16,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   if [ "$1" = test ]; then
     python -m pip install --quiet -e ".[test]"
   else
-    python -m pip install --quiet -e .
+    python -m pip install --quiet -e ".[train]"
   fi
   touch "$stamp"
 fi

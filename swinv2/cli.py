@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -223,7 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default="benchmarks", help="folder for the dated report ('' to print only)")
     p.set_defaults(func=cmd_bench)
+
+    for name in _SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if not name.startswith(err.name or "\0"):
+                raise
+            continue
+        module.register(sub)
     return parser
+
+
+# Modules that add their own subcommands through ``register(subparsers)``; each sets ``func``.
+_SUBCOMMAND_MODULES = ("swinv2.predict", "swinv2.export", "swinv2.memory", "swinv2.tasks.cli")
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,1 @@
+"""Datasets, transforms and loaders for training, evaluation and prediction."""
