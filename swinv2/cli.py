@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, DownloadError) as err:  # incl. checkpoint errors
+    except (ValueError, FileNotFoundError, FileExistsError, DownloadError) as err:  # incl. checkpoint errors
         print(f"swinv2: error: {err}", file=sys.stderr)
         return 2
 

@@ -138,6 +138,8 @@ def create_model(
     variant = get_variant(name) if name is not None else None
     if isinstance(pretrained, (str, os.PathLike)) and hub._is_url(pretrained):
         pretrained = hub.download(pretrained)
+    if isinstance(pretrained, (str, os.PathLike)) and _is_training_checkpoint(pretrained):
+        return _from_training_checkpoint(pretrained, device, overrides)
     if isinstance(pretrained, (str, os.PathLike)) and hub.is_swinv2_file(pretrained):
         model = hub.load_model(pretrained, device=device, **overrides)
         if variant is not None and _structure(model.config) != _structure(variant.kwargs()):
@@ -185,6 +187,37 @@ def create_model(
         hub.load_state(model, state, source=f"{weights.name} ({path})", drop_head=drop_head)
     elif pretrained is not False and pretrained is not None:
         load_pretrained(model, pretrained)
+    return model
+
+
+def _is_training_checkpoint(path) -> bool:
+    """A ``checkpoint-*.pt`` of ``swinv2 train``: a torch zip archive (not safetensors) that
+    names the swinv2 training-checkpoint kind. Decided without reading the tensors."""
+    import zipfile
+
+    path = os.fspath(path)
+    if not os.path.isfile(path) or not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/data.pkl") for name in archive.namelist()) and path.endswith(".pt")
+
+
+def _from_training_checkpoint(path, device, overrides: dict) -> SwinTransformerV2:
+    """Rebuild the model of a training checkpoint from its stored config and load its weights."""
+    from .train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    config = dict(state.get("model_config") or {})
+    if not config:
+        raise CheckpointError(f"{os.fspath(path)} has no model config, so the model cannot be rebuilt")
+    kwargs = {**config, **overrides}
+    if device is not None:
+        with torch.device(device):
+            model = SwinTransformerV2(**kwargs)
+    else:
+        model = SwinTransformerV2(**kwargs)
+    head = "auto" if kwargs.get("num_classes") != config.get("num_classes") else "keep"
+    load_pretrained(model, state["model"], head=head, strict=True)  # SimMIM wrappers are detected
     return model
 
 

@@ -1,0 +1,121 @@
+"""Pieces every task uses: run folder, model building, evaluation, saving models."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..hub import save_pretrained
+from ..train import checkpoint as ckpt
+from ..train.config import TrainConfig, write_config
+from ..train.distributed import Dist, all_reduce_sum, unwrap
+from ..train.engine import autocast
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def recipe_path(name_or_path: str) -> str:
+    """A recipe file path, or the name of a bundled recipe (``swinv2/recipes/NAME.yaml``)."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    bundled = RECIPES / f"{name_or_path}.yaml"
+    if bundled.is_file():
+        return str(bundled)
+    names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    raise FileNotFoundError(f"no recipe file {name_or_path!r}, and no bundled recipe of that name (bundled: {names})")
+
+
+def prepare_run(cfg: TrainConfig, env: Dist) -> tuple[TrainConfig, dict | None]:
+    """Create the run folder, or on ``--resume`` read its last checkpoint.
+
+    Returns the config to run with and the checkpoint state to restore (None for a new run).
+    A new run refuses a folder that already holds a checkpoint, so nothing is overwritten.
+    """
+    out = Path(cfg.output)
+    last = out / ckpt.LAST
+    state = None
+    if cfg.resume:
+        if not last.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint {last} to resume from (start a new run without --resume)")
+        state = ckpt.load_checkpoint(last)
+        saved = TrainConfig.from_dict(state["config"])
+        # The saved recipe defines the run; only how it is executed may change on resume.
+        runtime = ("resume", "device", "threads", "workers", "progress", "tensorboard", "log_every", "max_steps",
+                   "save_every_steps", "compile", "epochs")
+        changed = {k: getattr(cfg, k) for k in runtime if getattr(cfg, k) != getattr(saved, k)}
+        cfg = saved.replace(**changed, resume=True)
+    elif last.is_file():
+        raise FileExistsError(
+            f"{out} already holds a run ({last}); continue it with --resume or choose another --output"
+        )
+    if env.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, out / "config.yaml")
+    return cfg, state
+
+
+def set_threads(cfg: TrainConfig) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+
+def evaluate_classifier(model: nn.Module, loader, env: Dist, cfg: TrainConfig, num_classes: int) -> dict:
+    """Top-1, top-5 (fractions) and cross-entropy over a loader; summed across processes,
+    so each process may see a different, unpadded share of the images."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # correct1, correct5, loss, count
+    k = min(5, num_classes)
+    with torch.no_grad():
+        for images, targets, _ in loader:
+            if images.shape[0] == 0:
+                continue
+            images, targets = images.to(env.device), targets.to(env.device)
+            with autocast(cfg, env.device):
+                logits = model(images)
+            logits = logits.float()
+            top = logits.topk(k, dim=1).indices
+            hit = top == targets[:, None]
+            sums += torch.stack([
+                hit[:, 0].sum(), hit.any(dim=1).sum(),
+                nn.functional.cross_entropy(logits, targets, reduction="sum"),
+                torch.tensor(targets.shape[0], device=env.device),
+            ]).to(sums)
+    all_reduce_sum(sums)
+    model.train(was_training)
+    n = max(float(sums[3]), 1.0)
+    return dict(top1=float(sums[0]) / n, top5=float(sums[1]) / n, loss=float(sums[2]) / n, images=int(sums[3]))
+
+
+def model_saver(cfg: TrainConfig, class_names: list[str] | None):
+    """Writes ``model-*.safetensors`` files that ``create_model(pretrained=...)`` and
+    ``swinv2 predict`` read alone: weights, architecture, class names and eval crop policy."""
+
+    def save(model: nn.Module, path: str, info: dict) -> None:
+        meta = {
+            "class_names": json.dumps(class_names) if class_names else "",
+            "preprocess": json.dumps(dict(img_size=cfg.img_size or model.img_size[0], crop_pct=cfg.crop_pct,
+                                          crop_mode="center" if cfg.crop_pct < 1 else "squash",
+                                          interpolation="bicubic")),
+            "train_info": json.dumps(info),
+        }
+        save_pretrained(model, path, metadata=meta)
+
+    return save
+
+
+def device_model(model: nn.Module, env: Dist) -> nn.Module:
+    return model.to(env.device)
+
+
+def print_summary(text: str, env: Dist) -> None:
+    if env.main:
+        print(text, file=sys.stdout, flush=True)
+
+
+__all__ = ["evaluate_classifier", "model_saver", "prepare_run", "recipe_path", "set_threads", "unwrap"]

@@ -1,0 +1,108 @@
+"""``swinv2 eval``: top-1 / top-5 of any weights on an image folder (or the bundled digits),
+at any resolution, with the crop policy that belongs to the weights."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .. import hub
+from ..data import datasets as D
+from ..data.transforms import eval_transform
+from ..train.config import TrainConfig
+from ..train.distributed import setup, teardown
+from ..variants import create_model
+from .common import evaluate_classifier
+
+
+@dataclass
+class Preprocess:
+    img_size: int
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+    interpolation: str = "bicubic"
+
+
+def load_weights(checkpoint: str | None, model: str | None, overrides: dict):
+    """(model, preprocessing, class names) for a checkpoint path, a weight tag or both."""
+    names = None
+    if checkpoint is None:
+        if model is None:
+            raise ValueError("eval needs --checkpoint PATH, or --model TAG of registered weights")
+        weights = hub.get_pretrained(model)
+        net = create_model(model, pretrained=True, **overrides)
+        pre = Preprocess(weights.img_size, weights.crop_pct, weights.crop_mode, weights.interpolation)
+        return net, pre, names
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    meta = hub.read_metadata(checkpoint) if not checkpoint.endswith(".pt") else None
+    net = create_model(model, pretrained=checkpoint, **overrides)
+    pre = Preprocess(net.img_size[0])
+    if meta:
+        if meta.get("preprocess"):
+            pre = Preprocess(**json.loads(meta["preprocess"]))
+        if meta.get("class_names"):
+            names = json.loads(meta["class_names"])
+    elif checkpoint.endswith(".pt"):
+        from ..train.checkpoint import load_checkpoint
+
+        state = load_checkpoint(checkpoint)
+        saved = TrainConfig.from_dict(state["config"])
+        pre = Preprocess(saved.img_size or net.img_size[0], saved.crop_pct,
+                         "center" if saved.crop_pct < 1 else "squash")
+        names = state.get("class_names")
+    return net, pre, names
+
+
+def run(args) -> dict:
+    overrides = {}
+    if args.window:
+        overrides["window_size"] = args.window
+    model, pre, names = load_weights(args.checkpoint, args.model, overrides)
+    if args.img_size:
+        pre.img_size = args.img_size
+    if args.crop_pct is not None:
+        pre.crop_pct = args.crop_pct
+        pre.crop_mode = "center" if args.crop_pct < 1 else "squash"
+    cfg = TrainConfig(batch_size=args.batch_size, workers=args.workers, amp=args.amp, device=args.device,
+                      crop_pct=pre.crop_pct)
+    env = setup(cfg.device)
+    try:
+        if args.data is None:
+            dataset = D.DigitsDataset("val", seed=args.seed)
+        else:
+            train_root, val_root = D.resolve_folders(args.data, None)
+            dataset = D.ImageFolderDataset(val_root or train_root, min_classes=1)
+        classes = list(dataset.classes)
+        out = model.num_classes
+        if out != len(classes):
+            source = args.data or "the bundled digits"
+            raise ValueError(f"the model has {out} outputs but {source} has {len(classes)} classes")
+        if names is not None and list(names) != classes:
+            raise ValueError(f"the weights were trained on classes {names[:10]}..., the data has {classes[:10]}...")
+        tf = eval_transform(pre.img_size, crop_pct=pre.crop_pct, crop_mode=pre.crop_mode,
+                            interpolation=pre.interpolation)
+        from .supervised import eval_loader
+
+        model.to(env.device)
+        metrics = evaluate_classifier(model, eval_loader(dataset, tf, cfg, env), env, cfg, len(classes))
+        return dict(metrics, img_size=pre.img_size, crop_pct=pre.crop_pct, crop_mode=pre.crop_mode,
+                    window=model.window_size[0], checkpoint=args.checkpoint, model=args.model)
+    finally:
+        teardown()
+
+
+def main(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"top-1 {result['top1'] * 100:.2f}%  top-5 {result['top5'] * 100:.2f}%  loss {result['loss']:.4f}  "
+              f"on {result['images']} images at {result['img_size']}px ({result['crop_mode']} crop "
+              f"{result['crop_pct']}, window {result['window']})")
+    return 0

@@ -1,0 +1,247 @@
+"""Supervised training and fine-tuning of a classifier: ``swinv2 train`` and ``swinv2 finetune``.
+
+Reads top-down: data, model, optimizer, loop pieces, then the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .. import hub
+from ..data import datasets as D
+from ..data import loader as L
+from ..data.transforms import eval_transform, train_transform
+from ..loading import CheckpointError, load_pretrained, read_state_dict
+from ..train import checkpoint as ckpt
+from ..train.config import TrainConfig
+from ..train.distributed import Dist, setup, teardown, unwrap, wrap_model
+from ..train.engine import Loop, NonFiniteLossError, Trainer
+from ..train.logging import RunLogger
+from ..train.optim import build_optimizer
+from ..variants import create_model, get_variant
+from .common import evaluate_classifier, model_saver, prepare_run, set_threads
+
+
+def load_datasets(cfg: TrainConfig):
+    """(train, val, class names): the bundled digits without ``--data``, else image folders."""
+    if cfg.data is None:
+        train = D.DigitsDataset("train", seed=cfg.seed)
+        val = D.DigitsDataset("val", seed=cfg.seed)
+        classes = list(train.classes)
+    else:
+        train_root, val_root = D.resolve_folders(cfg.data, cfg.val)
+        train = D.ImageFolderDataset(train_root, min_classes=2)
+        classes = list(train.classes)
+        if val_root is None:
+            train, val = D.split_holdout(train, cfg.val_fraction, cfg.seed)
+        else:
+            val = D.ImageFolderDataset(val_root, min_classes=1)
+            if list(val.classes) != classes:
+                raise ValueError(
+                    f"the validation folder {val_root} has classes {list(val.classes)[:10]}..., the training folder "
+                    f"{train_root} has {classes[:10]}...: both need the same class subfolders"
+                )
+    if cfg.train_fraction < 1:
+        train = D.subset_fraction(train, cfg.train_fraction, cfg.seed)
+    return train, val, classes
+
+
+def build_classifier(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, str | None]:
+    """The model to train, and for ``finetune`` the load report of its starting weights."""
+    overrides = dict(num_classes=num_classes)
+    if cfg.img_size:
+        overrides["img_size"] = cfg.img_size
+    if cfg.window:
+        overrides["window_size"] = cfg.window
+    if cfg.drop_path is not None:
+        overrides["drop_path_rate"] = cfg.drop_path
+    if cfg.sequential_attention:
+        overrides["sequential_attention"] = list(cfg.sequential_attention)
+    report = None
+    if cfg.task == "finetune":
+        windows = cfg.pretrained_windows or checkpoint_windows(cfg.checkpoint)
+        if windows is not None:
+            overrides["pretrained_window_sizes"] = list(windows)
+        model = create_model(cfg.model, **overrides)
+        report = str(load_pretrained(model, _finetune_source(cfg.checkpoint), head="auto"))
+    else:
+        get_variant(cfg.model)  # a clear error for an unknown name before any data work
+        model = create_model(cfg.model, **overrides)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model, report
+
+
+def _finetune_source(path: str):
+    """A swinv2 training checkpoint holds the model under 'model'; other files go as they are."""
+    if os.path.isfile(path) and path.endswith(".pt"):
+        try:
+            return ckpt.load_checkpoint(path)["model"]
+        except CheckpointError:
+            pass
+    return path
+
+
+def checkpoint_windows(path: str) -> list[int] | None:
+    """The window each stage was trained with, which becomes ``pretrained_window_sizes``
+    (official: a model pre-trained at 192 with window 12 is fine-tuned with 12,12,12,6).
+
+    From a swinv2 file's config (its effective per-stage windows), or from the shape of the
+    coordinate tables that official and timm checkpoints carry ((2w-1) x (2w-1) per stage).
+    """
+    if hub.is_swinv2_file(path):
+        model = hub.load_model(path, device="meta")
+        return [w[0] for w, _ in model.stage_windows()]
+    if os.path.isfile(path) and path.endswith(".pt"):
+        try:
+            state = ckpt.load_checkpoint(path)
+        except CheckpointError:
+            state = None
+        if state is not None and state.get("model_config"):
+            from ..model import SwinTransformerV2
+
+            with torch.device("meta"):
+                model = SwinTransformerV2(**state["model_config"])
+            size = state["config"].get("img_size") or model.img_size
+            return [w[0] for w, _ in model.stage_windows(size)]
+    state = _finetune_source(path)
+    if not isinstance(state, dict):
+        state = read_state_dict(path)
+    windows = {}
+    for key, value in state.items():
+        key = key.removeprefix("encoder.").removeprefix("module.")
+        if key.endswith("attn.relative_coords_table") and key.startswith("layers."):
+            stage = int(key.split(".")[1])
+            windows.setdefault(stage, (value.shape[1] + 1) // 2)
+    if not windows:
+        return None
+    return [windows[i] for i in sorted(windows)]
+
+
+def make_loop(cfg: TrainConfig, env: Dist, train, val, classes, model_img: int) -> Loop:
+    img = cfg.img_size or model_img
+    tf_train = train_transform(
+        img, auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter, reprob=cfg.reprob,
+        scale=(cfg.crop_scale, 1.0), hflip=cfg.hflip,
+    )
+    tf_eval = eval_transform(img, crop_pct=cfg.crop_pct, crop_mode="center" if cfg.crop_pct < 1 else "squash")
+    train_set = L.TransformedDataset(train, tf_train, seed=cfg.seed)
+    loader = L.build_loader(
+        train_set, batch_size=cfg.batch_size, train=True, workers=cfg.workers, seed=cfg.seed,
+        rank=env.rank, world_size=env.world_size, pin_memory=env.device.type == "cuda",
+    )
+    val_loader = eval_loader(val, tf_eval, cfg, env)
+    mixup = L.build_mixup(len(classes), mixup=cfg.mixup, cutmix=cfg.cutmix, label_smoothing=cfg.label_smoothing)
+    criterion = L.train_criterion(mixup, cfg.label_smoothing)
+
+    def objective(model, inputs, seed):
+        images, targets = (t.to(env.device, non_blocking=True) for t in inputs)
+        if mixup is not None:
+            images, targets = L.apply_mixup(mixup, images, targets, seed)
+        logits = model(images)
+        return criterion(logits.float(), targets), images.shape[0]
+
+    def loader_for(epoch, start_batch):
+        loader.batch_sampler.set_epoch(epoch, start_batch) if hasattr(loader.batch_sampler, "set_epoch") \
+            else loader.sampler.set_epoch(epoch, start_batch)
+        return iter(loader)
+
+    return Loop(
+        objective=objective,
+        loader_for=loader_for,
+        batches_per_epoch=len(loader),
+        evaluate=lambda model: evaluate_classifier(model, val_loader, env, cfg, len(classes)),
+        select=("top1", True),
+        extra_state=lambda: dict(class_names=list(classes)),
+        save_model=model_saver(cfg, classes),
+    )
+
+
+def eval_loader(dataset, transform, cfg: TrainConfig, env: Dist) -> DataLoader:
+    """Each process evaluates every world_size-th image: no padding, so no image counts twice."""
+    keyed = L.TransformedDataset(dataset, transform, seed=cfg.seed)
+    indices = [(0, i) for i in range(env.rank, len(dataset), env.world_size)]
+    return DataLoader(keyed, batch_size=cfg.batch_size, sampler=indices, num_workers=cfg.workers,
+                      collate_fn=L.collate_skip, persistent_workers=False)
+
+
+def main(cfg: TrainConfig) -> int:
+    env = setup(cfg.device)
+    try:
+        return _run(cfg, env)
+    finally:
+        teardown()
+
+
+def _run(cfg: TrainConfig, env: Dist) -> int:
+    set_threads(cfg)
+    cfg, state = prepare_run(cfg, env)
+    train, val, classes = load_datasets(cfg)
+    model, report = build_classifier(cfg, len(classes))
+    if report and env.main:
+        print(f"start weights: {cfg.checkpoint}\n{report}")
+    model.to(env.device)
+    ema = None
+    if cfg.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    wrapped = wrap_model(model, env, cfg.sharding)
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)
+    optimizer = _optimizer(wrapped, model, cfg)
+    loop = make_loop(cfg, env, train, val, classes, model.img_size[0])
+    logger = RunLogger(cfg.output, enabled=env.main, tensorboard=cfg.tensorboard,
+                       resume_step=state["run"]["step"] if state else None)
+    trainer = Trainer(cfg, env, wrapped, optimizer, loop, logger, ema=ema)
+    if state is not None:
+        trainer.load_state_dict(state)
+        if env.main:
+            print(f"resumed {cfg.output} at update {trainer.state.step} (epoch {trainer.state.epoch + 1})")
+    elif env.main:
+        n = sum(p.numel() for p in model.parameters())
+        batch = cfg.batch_size * cfg.accum_steps * env.world_size
+        print(f"{cfg.task} {cfg.model} ({n / 1e6:.2f}M parameters) on {len(train)} images, {len(classes)} classes, "
+              f"validating on {len(val)}; {trainer.total_steps} updates of {batch} "
+              f"images; device {env.device}, {env.world_size} process(es); run folder {cfg.output}")
+    try:
+        final = trainer.fit()
+    except NonFiniteLossError as err:
+        if env.main:
+            print(f"swinv2: error: {err}")
+        logger.close()
+        return 3
+    summary = dict(task=cfg.task, model=cfg.model, updates=final.step, best_top1=final.best,
+                   best_epoch=final.best_epoch, skipped_images=final.skipped_images,
+                   last=final.history[-1] if final.history else None, output=cfg.output)
+    if env.main:
+        print(logger.summary(**summary))
+    logger.close()
+    return 0
+
+
+def _optimizer(wrapped: nn.Module, model: nn.Module, cfg: TrainConfig):
+    if cfg.sharding == "zero1" and torch.distributed.is_initialized():
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        from ..train.optim import param_groups
+
+        groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
+        first, rest = groups[0], groups[1:]
+        for g in groups:
+            g.pop("names")
+        opt = ZeroRedundancyOptimizer(first.pop("params"), optimizer_class=torch.optim.AdamW, lr=cfg.lr,
+                                      betas=cfg.betas, eps=cfg.eps, **{k: v for k, v in first.items()})
+        for g in rest:
+            opt.add_param_group(g)
+        return opt
+    return build_optimizer(unwrap(wrapped), cfg)
+
+
+def describe(cfg: TrainConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=1)

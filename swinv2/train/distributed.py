@@ -1,0 +1,107 @@
+"""Processes, devices and parallel wrappers, applied from outside the model in one order:
+
+1. ``setup()`` joins the process group that ``torchrun`` describes in the environment
+   (gloo on CPU, NCCL on GPU) and picks this process's device;
+2. the model is built, moved to the device and, optionally, gets activation checkpointing and
+   sequential attention (model options, set by the task);
+3. ``wrap_model`` applies the parallel wrapper: DDP (default), FSDP2 ``fully_shard`` or
+   nothing in a single process; ``torch.compile`` comes last;
+4. the optimizer is built on the wrapped parameters; with ``sharding="zero1"`` it is a
+   ``ZeroRedundancyOptimizer`` (optimizer states sharded, the paper's ZeRO stage 1).
+
+Multi-node runs use torchrun's rendezvous, e.g. on each of 2 nodes with 8 GPUs:
+``torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500
+--rdzv-id myrun -m swinv2 train ...``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str = "auto") -> Dist:
+    """Join torchrun's process group if the environment names one; choose the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return Dist(rank, world, local, dev)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, env: Dist, sharding: str) -> nn.Module:
+    """The parallel wrapper for ``sharding`` ('none' and 'zero1' use DDP when distributed)."""
+    if not env.enabled:
+        return model
+    if sharding == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        # Shard each block, then the root: parameters, gradients and optimizer states are
+        # split across processes and gathered block by block in forward and backward.
+        for stage in model.layers:
+            for block in stage.blocks:
+                fully_shard(block)
+        fully_shard(model)
+        return model
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    # broadcast_buffers=False as the official main.py: the model's buffers are constants.
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

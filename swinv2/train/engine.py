@@ -1,0 +1,342 @@
+"""The training loop shared by supervised training, fine-tuning and SimMIM pre-training.
+
+One optimizer update ("step") is ``accum_steps`` forward/backward passes of ``batch_size``
+images on each process. Everything random is a function of the seed and the position in the
+run: sample order and augmentation of (seed, epoch, index) in the data pipeline, mixup and
+stochastic depth of (seed, step, micro-batch, rank) here. The learning rate is a function of
+the step. So a run resumed from any checkpoint continues with exactly the losses of a run that
+was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .distributed import Dist, all_reduce_sum, unwrap
+from .optim import Schedule, set_lr
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes, platforms and Python versions."""
+    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def make_scaler(cfg: TrainConfig, device: torch.device):
+    """fp16 needs loss scaling (small gradients underflow); bf16 has fp32's range and does not."""
+    if cfg.amp != "fp16":
+        return None
+    if device.type != "cuda":
+        raise ValueError("--amp fp16 needs a GPU; on a CPU use --amp bf16")
+    return torch.amp.GradScaler("cuda")
+
+
+@dataclass
+class RunState:
+    """Where a run is: restored from a checkpoint on resume."""
+
+    step: int = 0  # optimizer updates done
+    epoch: int = 0  # current epoch (the one that ``step`` falls in)
+    best: float | None = None  # best value of the selection metric so far
+    best_epoch: int | None = None
+    skipped_images: int = 0  # unreadable images skipped so far
+    history: list = field(default_factory=list)  # per-epoch validation metrics
+
+
+@dataclass
+class Loop:
+    """What a task gives the loop.
+
+    ``objective(model, batch, seed) -> (loss, n_images)``: the mean loss of one micro-batch
+    (``seed`` drives its randomness, e.g. mixup). ``loader_for(epoch, start_batch)``: an
+    iterator over this process's micro-batches of an epoch, from ``start_batch`` on; each batch
+    is ``(inputs..., n_skipped)`` as produced by the data collate. ``evaluate(model)``: a dict
+    of validation metrics (computed on all processes, reduced). ``select``: the metric that
+    picks the best checkpoint and whether larger is better.
+    """
+
+    objective: Callable
+    loader_for: Callable[[int, int], Iterator]
+    batches_per_epoch: int
+    evaluate: Callable[[nn.Module], dict] | None
+    select: tuple[str, bool] = ("top1", True)
+    extra_state: Callable[[], dict] = dict  # stored in checkpoints (e.g. class names)
+    on_epoch_end: Callable[[nn.Module, int], None] | None = None  # e.g. reconstruction pictures
+    save_model: Callable[[nn.Module, str, dict], None] | None = None  # write model-*.safetensors
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: Dist, model: nn.Module, optimizer, loop: Loop, logger, ema=None):
+        self.cfg, self.env, self.model, self.optimizer, self.loop = cfg, env, model, optimizer, loop
+        self.logger, self.ema = logger, ema
+        self.scaler = make_scaler(cfg, env.device)
+        self.steps_per_epoch = loop.batches_per_epoch // cfg.accum_steps
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"an epoch has {loop.batches_per_epoch} batches of {cfg.batch_size} per process, fewer than "
+                f"accum_steps={cfg.accum_steps}: lower --batch-size or --accum-steps, or add data"
+            )
+        global_batch = cfg.batch_size * cfg.accum_steps * env.world_size
+        self.schedule = Schedule.from_config(cfg, self.steps_per_epoch, global_batch)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.state = RunState()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        model = unwrap(self.model)
+        return dict(
+            model=_full_model_state(self.model),
+            optimizer=_full_optimizer_state(self.model, self.optimizer),
+            scaler=self.scaler.state_dict() if self.scaler else None,
+            ema=self.ema.state_dict() if self.ema is not None else None,
+            run=dict(step=self.state.step, epoch=self.state.epoch, best=self.state.best,
+                     best_epoch=self.state.best_epoch, skipped_images=self.state.skipped_images,
+                     history=self.state.history),
+            rng=ckpt.rng_state(),
+            config=self.cfg.to_dict(),
+            model_config=dict(getattr(model, "config", {}) or getattr(getattr(model, "encoder", None), "config", {})),
+            **self.loop.extra_state(),
+        )
+
+    def load_state_dict(self, state: dict) -> None:
+        _load_full_model_state(self.model, state["model"])
+        _load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise ValueError("the checkpoint has no EMA weights but --ema is set; resume with the same --ema")
+            self.ema.load_state_dict(state["ema"])
+        self.state = RunState(**state["run"])
+        ckpt.set_rng_state(state["rng"])
+
+    def save(self, name: str) -> None:
+        state = self.state_dict()  # collective under sharding: every process takes part
+        if self.env.main:
+            ckpt.save_checkpoint(state, f"{self.cfg.output}/{name}")
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def fit(self) -> RunState:
+        cfg, st = self.cfg, self.state
+        self.model.train()
+        while st.step < self.total_steps:
+            epoch = st.step // self.steps_per_epoch
+            st.epoch = epoch
+            start_update = st.step - epoch * self.steps_per_epoch
+            batches = self.loop.loader_for(epoch, start_update * cfg.accum_steps)
+            self._train_epoch(epoch, start_update, batches)
+            epoch_done = st.step == (epoch + 1) * self.steps_per_epoch
+            if epoch_done or st.step == self.total_steps:
+                self._end_of_epoch(epoch, last=st.step == self.total_steps)
+        return st
+
+    def _train_epoch(self, epoch: int, start_update: int, batches: Iterator) -> None:
+        cfg, st, env = self.cfg, self.state, self.env
+        end_update = min(self.steps_per_epoch, start_update + self.total_steps - st.step)
+        desc = f"epoch {epoch + 1}/{cfg.epochs}"
+        bar = _progress(cfg.progress and env.main, start_update, self.steps_per_epoch, desc)
+        window_loss, window_images, window_t0 = 0.0, 0, time.perf_counter()
+        for _ in range(start_update, end_update):
+            lr = self.schedule(st.step)
+            set_lr(self.optimizer, lr)
+            loss_sum, images = self._update(batches)
+            st.step += 1
+            window_loss += loss_sum
+            window_images += images
+            if self.ema is not None:
+                self.ema.update_parameters(unwrap(self.model))
+            if st.step % cfg.log_every == 0 or st.step == self.total_steps:
+                seconds = time.perf_counter() - window_t0
+                steps = (st.step - 1) % cfg.log_every + 1
+                metrics = dict(loss=window_loss / steps, lr=lr, epoch=st.step / self.steps_per_epoch,
+                               images_per_s=window_images / max(seconds, 1e-9),
+                               skipped_images=st.skipped_images)
+                self.logger.log("train", st.step, **metrics)
+                window_loss, window_images, window_t0 = 0.0, 0, time.perf_counter()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}",
+                                    img_s=f"{metrics['images_per_s']:.0f}")
+            if bar is not None:
+                bar.update(1)
+            if cfg.save_every_steps and st.step % cfg.save_every_steps == 0 and st.step < self.total_steps:
+                self.save(ckpt.LAST)
+        if bar is not None:
+            bar.close()
+
+    def _update(self, batches: Iterator) -> tuple[float, int]:
+        """One optimizer update over ``accum_steps`` micro-batches; returns (loss, images)."""
+        cfg, env, model = self.cfg, self.env, self.model
+        accum = cfg.accum_steps
+        loss_total, images, skipped = 0.0, 0, 0
+        finite = True
+        for micro in range(accum):
+            *inputs, n_skipped = next(batches)
+            skipped += int(n_skipped)
+            seed = derive_seed(cfg.seed, self.state.step, micro, env.rank)
+            torch.manual_seed(seed)  # stochastic depth and dropout of this micro-batch
+            # The gradient is synchronised across processes only on the last micro-batch.
+            sync = micro == accum - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
+                if _batch_size(inputs) == 0:
+                    # Every image of this batch was unreadable: contribute a zero gradient so
+                    # all processes still run the same collective operations.
+                    loss = sum(p.sum() for p in self.params) * 0.0
+                    n = 0
+                else:
+                    with autocast(cfg, env.device):
+                        loss, n = self.loop.objective(model, inputs, seed)
+                    loss = loss.float()
+                value = loss.detach()
+                finite = finite and bool(torch.isfinite(value))
+                # The mean over the update is the mean of micro-batch means: divide by accum
+                # once here, and unscale/clip once below (the official scripts do both per
+                # micro-batch, which breaks with GradScaler).
+                scaled = loss / accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_total += float(value) / accum
+            images += n
+        # One collective per update: non-finite flags, skipped images, loss and image counts
+        # over all processes (the logged loss is then the global batch's, as in one process).
+        flags = torch.tensor([0.0 if finite else 1.0, float(skipped), loss_total, float(images)],
+                             dtype=torch.float64, device=self.env.device)
+        all_reduce_sum(flags)
+        self.state.skipped_images += int(flags[1])
+        loss_total, images = float(flags[2]) / self.env.world_size, int(flags[3])
+        if flags[0] > 0:
+            raise NonFiniteLossError(
+                f"the loss is not finite at update {self.state.step} (epoch {self.state.epoch + 1}); the run "
+                f"stopped, and {self.cfg.output}/{ckpt.LAST} (if any) holds the last good state. Lower --lr, "
+                "use --amp bf16 or none, or check the data"
+            )
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_total, images
+
+    def _end_of_epoch(self, epoch: int, last: bool) -> None:
+        cfg, st = self.cfg, self.state
+        metrics = {}
+        if self.loop.evaluate is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
+            metrics = self.loop.evaluate(self.model)
+            if self.ema is not None:
+                metrics.update({f"ema_{k}": v for k, v in self.loop.evaluate(self.ema.module).items()})
+            self.logger.log("val", st.step, epoch=epoch + 1, **metrics)
+            st.history.append(dict(epoch=epoch + 1, step=st.step, **metrics))
+            if self.env.main and cfg.progress:
+                print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        if self.loop.on_epoch_end is not None:
+            self.loop.on_epoch_end(self.model, epoch)
+        name, larger = self.loop.select
+        improved = False
+        if name in metrics and math.isfinite(metrics[name]):
+            value = metrics[name]
+            improved = st.best is None or (value > st.best if larger else value < st.best)
+            if improved:
+                st.best, st.best_epoch = value, epoch + 1
+        self.save(ckpt.LAST)
+        if self.env.main and self.loop.save_model is not None:
+            info = dict(epoch=epoch + 1, step=st.step, **metrics)
+            self.loop.save_model(unwrap(self.model), f"{cfg.output}/model-last.safetensors", info)
+            if improved:
+                self.loop.save_model(unwrap(self.model), f"{cfg.output}/model-best.safetensors", info)
+        if improved and self.env.main:
+            import shutil
+
+            shutil.copyfile(f"{cfg.output}/{ckpt.LAST}", f"{cfg.output}/.{ckpt.BEST}.tmp")
+            shutil.move(f"{cfg.output}/.{ckpt.BEST}.tmp", f"{cfg.output}/{ckpt.BEST}")
+        self.logger.plot()
+
+
+def _batch_size(inputs) -> int:
+    return int(inputs[0].shape[0]) if inputs and hasattr(inputs[0], "shape") else 0
+
+
+def _progress(enabled: bool, start: int, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+
+
+# -- full state dicts under every kind of sharding -----------------------------------------
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    return any(type(m).__name__.startswith("FSDP") for m in unwrap(model).modules())
+
+
+def _full_model_state(model: nn.Module) -> dict:
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def _load_full_model_state(model: nn.Module, state: dict) -> None:
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(unwrap(model), state, options=StateDictOptions(full_state_dict=True))
+        return
+    unwrap(model).load_state_dict(state)
+
+
+def _full_optimizer_state(model: nn.Module, optimizer) -> dict:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        optimizer.consolidate_state_dict(to=0)  # collective: gathers the shards on rank 0
+        import torch.distributed as dist
+
+        return optimizer.state_dict() if dist.get_rank() == 0 else {}
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            unwrap(model), optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    return optimizer.state_dict()
+
+
+def _load_full_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(unwrap(model), optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return
+    optimizer.load_state_dict(state)  # ZeroRedundancyOptimizer takes the consolidated dict too
