@@ -201,8 +201,9 @@ def _parse_scalar(kind, optional):
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, exclude=()) -> None:
-    """One flag per field (``--img-size``, ``--no-progress`` ...), defaulting to 'not given',
-    so that recipe values are only overridden by flags the user actually typed."""
+    """One flag per field (``--img-size``, ``--no-progress`` ...). A flag not typed leaves no
+    attribute (argparse.SUPPRESS), so recipe values are overridden only by flags actually given,
+    and ``--clip-grad none`` can still set a field to None."""
     parser.add_argument("--config", default=None, metavar="YAML", help="recipe file (flags override it)")
     for f in fields(TrainConfig):
         if f.name in exclude:
@@ -211,18 +212,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude=()) -> None:
         kind, optional, is_list = _field_type(f)
         help_text = f"{f.metadata['help']} [default: {_plain(f.default)}]"
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif is_list:
-            parser.add_argument(flag, type=_parse_scalar(kind, False), nargs="*", default=None, help=help_text)
+            parser.add_argument(flag, type=_parse_scalar(kind, False), nargs="*", default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(flag, type=_parse_scalar(kind, optional), default=None, help=help_text)
+            parser.add_argument(flag, type=_parse_scalar(kind, optional), default=argparse.SUPPRESS, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace, **fixed) -> TrainConfig:
     values = read_recipe(args.config) if getattr(args, "config", None) else {}
     for f in fields(TrainConfig):
-        given = getattr(args, f.name, None)
-        if given is not None:
-            values[f.name] = given
+        if hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
     values.update(fixed)
     return TrainConfig.from_dict(values)
