@@ -45,10 +45,19 @@ def prepare_run(cfg: TrainConfig, env: Dist) -> tuple[TrainConfig, dict | None]:
         state = ckpt.load_checkpoint(last)
         saved = TrainConfig.from_dict(state["config"])
         # The saved recipe defines the run; only how it is executed may change on resume.
-        runtime = ("resume", "device", "threads", "workers", "progress", "tensorboard", "log_every", "max_steps",
+        runtime = ("device", "threads", "workers", "progress", "tensorboard", "log_every", "max_steps",
                    "save_every_steps", "compile", "epochs")
-        changed = {k: getattr(cfg, k) for k in runtime if getattr(cfg, k) != getattr(saved, k)}
-        cfg = saved.replace(**changed, resume=True)
+        # Flags typed on the command line (recorded by config_from_args); for a config built in
+        # Python, the fields that differ from the defaults.
+        given = getattr(cfg, "_given", None)
+        if given is None:
+            defaults = TrainConfig()
+            given = {k for k in runtime if getattr(cfg, k) != getattr(defaults, k)}
+        ignored = sorted(k for k in given if k not in runtime and k not in ("resume", "output", "task", "config")
+                         and getattr(cfg, k) != getattr(saved, k))
+        if ignored and env.main:
+            print(f"note: --resume continues the saved recipe; ignoring {ignored} (start a new run to change them)")
+        cfg = saved.replace(**{k: getattr(cfg, k) for k in runtime if k in given}, resume=True)
     elif last.is_file():
         raise FileExistsError(
             f"{out} already holds a run ({last}); continue it with --resume or choose another --output"

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from ..data import loader as L
+from ..data import sampling as L
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, simmim_transform
 from ..reconstruct import save_reconstruction_grid
 from ..simmim import MaskGenerator, SimMIM
 from ..train.config import TrainConfig
 from ..train.distributed import Dist, all_reduce_sum, setup, teardown, unwrap, wrap_model
 from ..train.engine import Loop, NonFiniteLossError, Trainer, autocast
-from ..train.logging import RunLogger
 from ..train.optim import build_optimizer
+from ..train.runlog import RunLogger
 from ..variants import create_model
 from .common import prepare_run, set_threads
 from .supervised import eval_loader, load_datasets
@@ -59,6 +59,7 @@ def main(cfg: TrainConfig) -> int:
 def _run(cfg: TrainConfig, env: Dist) -> int:
     set_threads(cfg)
     cfg, state = prepare_run(cfg, env)
+    torch.manual_seed(cfg.seed)  # the initial weights (and mask token, decoder) come from the seed
     train, val, _ = load_datasets(cfg)  # labels are not used
     model = build_simmim(cfg).to(env.device)
     encoder = model.encoder

@@ -13,16 +13,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import hub
-from ..data import datasets as D
-from ..data import loader as L
+from ..data import folders as D
+from ..data import sampling as L
 from ..data.transforms import eval_transform, train_transform
 from ..loading import CheckpointError, load_pretrained, read_state_dict
 from ..train import checkpoint as ckpt
 from ..train.config import TrainConfig
 from ..train.distributed import Dist, setup, teardown, unwrap, wrap_model
 from ..train.engine import Loop, NonFiniteLossError, Trainer
-from ..train.logging import RunLogger
 from ..train.optim import build_optimizer
+from ..train.runlog import RunLogger
 from ..variants import create_model, get_variant
 from .common import evaluate_classifier, model_saver, prepare_run, set_threads
 
@@ -181,6 +181,7 @@ def main(cfg: TrainConfig) -> int:
 def _run(cfg: TrainConfig, env: Dist) -> int:
     set_threads(cfg)
     cfg, state = prepare_run(cfg, env)
+    torch.manual_seed(cfg.seed)  # the initial weights (and mask token, decoder) come from the seed
     train, val, classes = load_datasets(cfg)
     model, report = build_classifier(cfg, len(classes))
     if report and env.main:

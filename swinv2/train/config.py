@@ -224,5 +224,12 @@ def config_from_args(args: argparse.Namespace, **fixed) -> TrainConfig:
     for f in fields(TrainConfig):
         if hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
+    task = fixed.get("task")
+    if task and values.get("task", task) != task:
+        raise ValueError(
+            f"{args.config} is a {values['task']} recipe: run it with `swinv2 {values['task']} --config {args.config}`"
+        )
     values.update(fixed)
-    return TrainConfig.from_dict(values)
+    cfg = TrainConfig.from_dict(values)
+    cfg._given = {f.name for f in fields(TrainConfig) if hasattr(args, f.name)}  # what the user typed
+    return cfg

@@ -255,7 +255,7 @@ class Trainer:
                 metrics.update({f"ema_{k}": v for k, v in self.loop.evaluate(self.ema.module).items()})
             self.logger.log("val", st.step, epoch=epoch + 1, **metrics)
             st.history.append(dict(epoch=epoch + 1, step=st.step, **metrics))
-            if self.env.main and cfg.progress:
+            if self.env.main:
                 print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
         if self.loop.on_epoch_end is not None:
             self.loop.on_epoch_end(self.model, epoch)
