@@ -212,11 +212,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude=()) -> None:
         kind, optional, is_list = _field_type(f)
         help_text = f"{f.metadata['help']} [default: {_plain(f.default)}]"
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            kw = dict(action=argparse.BooleanOptionalAction)
         elif is_list:
-            parser.add_argument(flag, type=_parse_scalar(kind, False), nargs="*", default=argparse.SUPPRESS, help=help_text)
+            kw = dict(type=_parse_scalar(kind, False), nargs="*")
         else:
-            parser.add_argument(flag, type=_parse_scalar(kind, optional), default=argparse.SUPPRESS, help=help_text)
+            kw = dict(type=_parse_scalar(kind, optional))
+        parser.add_argument(flag, default=argparse.SUPPRESS, help=help_text, **kw)
 
 
 def config_from_args(args: argparse.Namespace, **fixed) -> TrainConfig:
