@@ -1,0 +1,1 @@
+"""Training: config, optimizer, schedule, engine, checkpoints, distributed wrappers, run logging."""
