@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own subcommands through ``register(subparsers)``; each sets ``func``.
-_SUBCOMMAND_MODULES = ("swinv2.predict", "swinv2.export", "swinv2.memory", "swinv2.tasks.cli")
+_SUBCOMMAND_MODULES = ("swinv2.predict", "swinv2.export", "swinv2.memory", "swinv2.tasks.cli", "swinv2.reconstruct")
 
 
 def main(argv=None) -> int:

@@ -27,6 +27,7 @@ OLD_CPB_NAME = ".rpe_mlp."
 SIMMIM_ENCODER = "encoder."
 SIMMIM_DROPPED = {
     "encoder.mask_token": "the SimMIM mask token",
+    "mask_token": "the SimMIM mask token",  # swinv2.SimMIM keeps it beside the encoder
     "decoder.": "the SimMIM decoder",
 }
 
