@@ -205,7 +205,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from swinv2.data import sampling
+    from swinv2.data import mixup as sampling
 
     real = sampling.train_criterion
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 from ..train.config import add_config_arguments, config_from_args
 from .common import recipe_path
@@ -21,6 +22,12 @@ def _task_main(task: str):
     def run(args) -> int:
         if args.config:
             args.config = recipe_path(args.config)
+        elif task in ("train", "pretrain") and not hasattr(args, "data"):
+            # No data and no recipe: the bundled digits with the recipe tuned for them.
+            args.config = recipe_path("digits" if task == "train" else "digits_simmim")
+            print(f"no --data: training on scikit-learn's bundled handwritten digits with {args.config}")
+        if not hasattr(args, "output"):
+            args.output = f"runs/{task}-{time.strftime('%Y%m%d-%H%M%S')}"
         cfg = config_from_args(args, task=task)
         if task == "pretrain":
             from .pretrain import main

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import hub
-from ..data import folders as D
+from ..data import datasets as D
 from ..data.transforms import eval_transform
 from ..train.config import TrainConfig
 from ..train.distributed import setup, teardown

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from ..data import sampling as L
+from ..data import loader as L
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, simmim_transform
 from ..reconstruct import save_reconstruction_grid
 from ..simmim import MaskGenerator, SimMIM
 from ..train.config import TrainConfig
 from ..train.distributed import Dist, all_reduce_sum, setup, teardown, unwrap, wrap_model
 from ..train.engine import Loop, NonFiniteLossError, Trainer, autocast
+from ..train.logging import RunLogger
 from ..train.optim import build_optimizer
-from ..train.runlog import RunLogger
 from ..variants import create_model
 from .common import prepare_run, set_threads
 from .supervised import eval_loader, load_datasets

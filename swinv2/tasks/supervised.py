@@ -13,16 +13,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import hub
-from ..data import folders as D
-from ..data import sampling as L
+from ..data import datasets as D
+from ..data import loader as L
+from ..data import mixup as M
 from ..data.transforms import eval_transform, train_transform
 from ..loading import CheckpointError, load_pretrained, read_state_dict
 from ..train import checkpoint as ckpt
 from ..train.config import TrainConfig
 from ..train.distributed import Dist, setup, teardown, unwrap, wrap_model
 from ..train.engine import Loop, NonFiniteLossError, Trainer
+from ..train.logging import RunLogger
 from ..train.optim import build_optimizer
-from ..train.runlog import RunLogger
 from ..variants import create_model, get_variant
 from .common import evaluate_classifier, model_saver, prepare_run, set_threads
 
@@ -41,11 +42,7 @@ def load_datasets(cfg: TrainConfig):
             train, val = D.split_holdout(train, cfg.val_fraction, cfg.seed)
         else:
             val = D.ImageFolderDataset(val_root, min_classes=1)
-            if list(val.classes) != classes:
-                raise ValueError(
-                    f"the validation folder {val_root} has classes {list(val.classes)[:10]}..., the training folder "
-                    f"{train_root} has {classes[:10]}...: both need the same class subfolders"
-                )
+            D.check_same_classes(train, val)
     if cfg.train_fraction < 1:
         train = D.subset_fraction(train, cfg.train_fraction, cfg.seed)
     return train, val, classes
@@ -136,13 +133,13 @@ def make_loop(cfg: TrainConfig, env: Dist, train, val, classes, model_img: int) 
         rank=env.rank, world_size=env.world_size, pin_memory=env.device.type == "cuda",
     )
     val_loader = eval_loader(val, tf_eval, cfg, env)
-    mixup = L.build_mixup(len(classes), mixup=cfg.mixup, cutmix=cfg.cutmix, label_smoothing=cfg.label_smoothing)
-    criterion = L.train_criterion(mixup, cfg.label_smoothing)
+    mixup = M.build_mixup(len(classes), mixup=cfg.mixup, cutmix=cfg.cutmix, label_smoothing=cfg.label_smoothing)
+    criterion = M.train_criterion(mixup, cfg.label_smoothing)
 
     def objective(model, inputs, seed):
         images, targets = (t.to(env.device, non_blocking=True) for t in inputs)
         if mixup is not None:
-            images, targets = L.apply_mixup(mixup, images, targets, seed)
+            images, targets = M.apply_mixup(mixup, images, targets, seed)
         logits = model(images)
         return criterion(logits.float(), targets), images.shape[0]
 

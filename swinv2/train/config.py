@@ -82,7 +82,8 @@ class TrainConfig:
     amp: str = _f("bf16", "mixed precision: bf16 (CPU and GPU), fp16 (GPU, with loss scaling) or none")
     ema: float = _f(0.0, "exponential moving average decay of the weights (0: off), evaluated alongside")
     # -- run ------------------------------------------------------------------------------
-    output: str = _f("runs/run", "run folder: checkpoints, metrics.jsonl, TensorBoard, plots")
+    output: str = _f("runs/run", "run folder: checkpoints, metrics.jsonl, TensorBoard, plots "
+                                 "(command line default: runs/TASK-DATE-TIME)")
     resume: bool = _f(False, "continue the run in --output from its last checkpoint")
     seed: int = _f(0, "seed of everything: sampling, augmentation, mixup, stochastic depth")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
