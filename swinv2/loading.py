@@ -146,7 +146,8 @@ def load_pretrained(
     The layout is detected (or given as ``fmt``: official, simmim, swinv2, timm, hf, torchvision,
     mmpretrain) and converted to the official one by :mod:`swinv2.convert`; the report names
     the format and what the conversion did. Derived buffers are dropped (their coordinates
-    checked against the model); a SimMIM checkpoint's decoder and mask token are left out.
+    checked against the model); a SimMIM checkpoint's decoder and mask token are left out,
+    unless ``model`` is a :class:`swinv2.simmim.SimMIM`, which loads them too.
 
     ``head`` decides what happens to the classifier (``head.weight`` / ``head.bias``):
 
@@ -165,6 +166,10 @@ def load_pretrained(
     :class:`StateDictMismatchError` naming them, and the model is left untouched. With
     ``strict=False`` the matching tensors are loaded and the rest reported.
     """
+    from .simmim import SimMIM  # imported here: simmim.py uses this module
+
+    if isinstance(model, SimMIM):  # encoder + mask token + decoder: SimMIM splits the checkpoint itself
+        return model.load_pretrained(source, strict, fmt=fmt, head=head, head_map=head_map)
     if head not in HEAD_MODES:
         raise ValueError(f"head must be one of {HEAD_MODES}, got {head!r}")
     if head_map is not None and head == "drop":

@@ -1,104 +1,230 @@
-"""Pictures of SimMIM at work: input, masked input, prediction; and ``swinv2 reconstruct``."""
+"""Pictures of SimMIM at work (input, masked input, prediction) and ``swinv2 reconstruct``.
+
+``swinv2 reconstruct CHECKPOINT IMAGES...`` reads a SimMIM checkpoint, hides part of each image
+with seeded masks and writes a PNG grid of what the model predicts there. Checkpoints:
+
+- written by ``swinv2 pretrain`` (or any ``torch.save``'d dict of that form):
+  ``{"model": simmim.state_dict(), "model_config": simmim.encoder.config, "config": {...}}``,
+  where the optional ``config`` entries ``img_size``, ``mask_patch``, ``mask_ratio`` and
+  ``norm_target_window`` give the pre-training settings (defaults for the flags below);
+- official SimMIM pre-training files (``encoder.*``, ``decoder.0.*``), bare or under ``model``,
+  ``.pth`` or ``.safetensors``: they do not say their architecture, so ``--model`` names it; the
+  window is read from their coordinate buffers when they carry them (else ``--window-size`` or the
+  variant's); the target normalisation is taken to be the SwinV2 one (47) unless
+  ``--norm-target-window`` says otherwise.
+"""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Mapping
 
 import torch
 
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
+OFFICIAL_NORM_TARGET_WINDOW = 47  # every official SwinV2 SimMIM config enables it with 47
+_COORDS_KEY = "layers.0.blocks.0.attn.relative_coords_table"
+
 
 def _to_display(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """Normalised (B, 3, H, W) -> (B, H, W, 3) in [0, 1]."""
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-    return (x.float() * s + m).clamp(0, 1).permute(0, 2, 3, 1)
+    """Mean/std-normalised (B, C, H, W) -> (B, H, W, C) in [0, 1]."""
+    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x * s + m).clamp(0, 1).permute(0, 2, 3, 1)
 
 
-def _denormalise_local(rec: torch.Tensor, images: torch.Tensor, window: int) -> torch.Tensor:
-    """A prediction of locally normalised pixels, mapped back with the input's own local mean
-    and std (what the model was asked to predict relative to)."""
-    import torch.nn.functional as F
+def save_reconstruction_grid(images, masks, recs, path, mean=IMAGENET_MEAN, std=IMAGENET_STD, *,
+                             norm_target_window: int | None = None, dpi: int = 100) -> str:
+    """Write a PNG with one row per image: the input, the masked input (hidden area grey), the
+    prediction pasted into the hidden area of the input, and the full prediction.
 
-    pad = window // 2
-    mean = F.avg_pool2d(images, window, stride=1, padding=pad, count_include_pad=False)
-    var = (F.avg_pool2d(images * images, window, stride=1, padding=pad, count_include_pad=False) - mean**2).clamp(0)
-    return rec * (var + 1e-6).sqrt() + mean
-
-
-def save_reconstruction_grid(images, masks, recs, path, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                             norm_target_window: int | None = None, patch_size: int = 4) -> None:
-    """A PNG with one row per image: input, masked input, prediction pasted into the hidden
-    area, full prediction. ``masks``: (B, H/p, W/p) token masks; ``recs``: decoder outputs."""
+    ``images``: (B, C, H, W) normalised with ``mean``/``std`` (C = 1 or 3); ``masks``: token masks
+    (B, H/p, W/p) or pixel masks (B, 1, H, W), 1 = hidden; ``recs``: the decoder's outputs
+    (:meth:`SimMIM.reconstruct`). When the model predicted the locally normalised target
+    (``norm_target_window``), its output is mapped back to pixels with the local mean and std of
+    the *input* image: the statistics the target was normalised with. Inside the hidden area those
+    statistics still see the true pixels, so this shows how well the model predicts local structure
+    relative to its neighbourhood, not an unaided guess of the local brightness. Returns ``path``.
+    """
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
-    images, recs = images.float().cpu(), recs.float().cpu()
+    from .simmim import local_stats
+
+    images, recs = images.detach().double().cpu(), recs.detach().double().cpu()
+    if images.ndim != 4 or recs.shape != images.shape:
+        raise ValueError(f"images {tuple(images.shape)} and reconstructions {tuple(recs.shape)} must both be "
+                         "(B, C, H, W) of one shape")
+    B, C, H, W = images.shape
+    if C not in (1, 3) or len(mean) != C or len(std) != C:
+        raise ValueError(f"can draw 1- or 3-channel images with one mean/std per channel; got {C} channels, "
+                         f"mean {tuple(mean)}, std {tuple(std)}")
+    masks = masks.detach().cpu()
+    masks = masks[:, 0] if masks.ndim == 4 else masks  # (B, h, w)
+    if masks.ndim != 3 or masks.shape[0] != B or H % masks.shape[1] or W % masks.shape[2]:
+        raise ValueError(f"masks {tuple(masks.shape)} do not fit images {tuple(images.shape)}")
+    pixels = masks.repeat_interleave(H // masks.shape[1], 1).repeat_interleave(W // masks.shape[2], 2)
+    pixels = pixels.unsqueeze(-1).double()  # (B, H, W, 1), like the displayed images
     if norm_target_window is not None:
-        recs = _denormalise_local(recs, images, norm_target_window)
-    pixels = masks.cpu().repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)[:, None].float()
-    shown = [images, images * (1 - pixels), images * (1 - pixels) + recs * pixels, recs]
-    shown = [_to_display(t, mean, std) for t in shown]
-    titles = ["input", "masked", "prediction in hidden area", "prediction"]
-    n = images.shape[0]
-    fig, axes = plt.subplots(n, 4, figsize=(8, 2 * n), squeeze=False)
-    for i in range(n):
-        for j in range(4):
+        local_mean, local_std = local_stats(images, norm_target_window)
+        recs = recs * local_std + local_mean  # (B, C, H, W), back in the input's space
+    shown_in, shown_rec = _to_display(images, mean, std), _to_display(recs, mean, std)  # (B, H, W, C)
+    columns = {
+        "input": shown_in,
+        "masked": shown_in * (1 - pixels) + 0.5 * pixels,
+        "prediction in hidden area": shown_in * (1 - pixels) + shown_rec * pixels,
+        "prediction": shown_rec,
+    }
+    fig, axes = plt.subplots(B, len(columns), figsize=(2 * len(columns), 2 * B * H / W), squeeze=False)
+    for j, (title, picture) in enumerate(columns.items()):
+        for i in range(B):
             ax = axes[i][j]
-            ax.imshow(shown[j][i].numpy())
+            img = picture[i].numpy()
+            ax.imshow(img[..., 0] if C == 1 else img, cmap="gray" if C == 1 else None, vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-            if i == 0:
-                ax.set_title(titles[j], fontsize=8)
+        axes[0][j].set_title(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
+    return os.fspath(path)
+
+
+# -- reading checkpoints --------------------------------------------------------------------
+
+
+def _read(path: str):
+    from .loading import CheckpointError, read_state_dict
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        return read_state_dict(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
+    except Exception as err:  # noqa: BLE001 - every reader failure becomes one clear message
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+
+
+def load_simmim(path: str | os.PathLike, *, model: str | None = None, img_size: int | None = None,
+                window_size: int | None = None, norm_target_window: int | None | str = "auto"):
+    """(a :class:`SimMIM` with the checkpoint's weights, in eval mode, the pre-training settings
+    dict: ``img_size``, ``mask_patch``, ``mask_ratio``, ``norm_target_window``, ``model``).
+
+    See the module docstring for the formats. ``norm_target_window``: ``"auto"`` (the checkpoint's
+    setting, 47 for official files), an odd int, or None (off).
+    """
+    from .loading import CheckpointError, unwrap_state_dict
+    from .model import SwinTransformerV2
+    from .simmim import SimMIM
+    from .variants import create_model
+
+    path = os.fspath(path)
+    obj = _read(path)
+    encoder_config = obj.get("model_config") if isinstance(obj, Mapping) else None
+    run = obj.get("config") if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping) else {}
+    state = unwrap_state_dict(obj, source=path)
+    stripped = {k.removeprefix("module."): v for k, v in state.items()}
+    if not any(k.startswith("decoder.") for k in stripped):
+        raise CheckpointError(f"{path} holds no SimMIM decoder (decoder.0.*): not a SimMIM pre-training checkpoint")
+    # img_size only sizes the input: the encoder runs at any size (an absolute position embedding
+    # is resampled), and building it at another size would change that embedding's shape.
+    overrides = dict(num_classes=0)
+    if window_size:
+        overrides["window_size"] = window_size
+    if encoder_config:
+        encoder = SwinTransformerV2(**{**encoder_config, **overrides})
+        name, official = run.get("model") or "SimMIM", False
+    elif model:
+        coords = stripped.get("encoder." + _COORDS_KEY)
+        if coords is not None and "window_size" not in overrides:  # (1, 2w-1, 2w-1, 2)
+            overrides["window_size"] = ((coords.shape[1] + 1) // 2, (coords.shape[2] + 1) // 2)
+        encoder = create_model(model, **overrides)
+        name, official = model, True
+    else:
+        raise CheckpointError(
+            f"{path} does not say which architecture it holds (an official SimMIM file?): name it with --model "
+            "(see `swinv2 list`), e.g. --model swinv2_base_window12_192"
+        )
+    if norm_target_window == "auto":
+        norm_target_window = run.get("norm_target_window", OFFICIAL_NORM_TARGET_WINDOW) if not official \
+            else OFFICIAL_NORM_TARGET_WINDOW
+    sim = SimMIM(encoder, norm_target_window=norm_target_window)
+    sim.load_pretrained(stripped)
+    settings = dict(
+        img_size=img_size or run.get("img_size") or encoder.img_size[0],
+        mask_patch=run.get("mask_patch") or 32,
+        mask_ratio=run.get("mask_ratio") or 0.6,
+        norm_target_window=norm_target_window,
+        model=name,
+    )
+    return sim.eval(), settings
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+def _window_arg(text: str) -> int | None | str:
+    if text.lower() in ("auto", "none", "off"):
+        return None if text.lower() != "auto" else "auto"
+    return int(text)
 
 
 def cmd_reconstruct(args) -> int:
     from PIL import Image
 
     from .data.transforms import eval_transform
-    from .model import SwinTransformerV2
-    from .simmim import MaskGenerator, SimMIM
-    from .train.checkpoint import load_checkpoint
-    from .train.config import TrainConfig
+    from .simmim import MaskGenerator
 
-    state = load_checkpoint(args.checkpoint)
-    if not state.get("model_config") or not any(k.startswith("decoder.") for k in state["model"]):
-        raise ValueError(f"{args.checkpoint} is not a SimMIM pre-training checkpoint (`swinv2 pretrain` writes them)")
-    cfg = TrainConfig.from_dict(state["config"])
-    sim = SimMIM(SwinTransformerV2(**state["model_config"]), norm_target_window=cfg.norm_target_window)
-    sim.load_pretrained(state["model"])
-    sim.eval()
-    size = args.img_size or sim.encoder.img_size[0]
-    tf = eval_transform(size, crop_pct=1.0, crop_mode="squash")
+    sim, settings = load_simmim(args.checkpoint, model=args.model, img_size=args.img_size,
+                                window_size=args.window_size, norm_target_window=args.norm_target_window)
+    size = settings["img_size"]
+    tf = eval_transform(size, crop_pct=1.0, crop_mode="squash")  # the whole image, resized
     images = []
     for path in args.images:
         try:
             with Image.open(path) as img:
                 images.append(tf(img))
-        except Exception as err:  # noqa: BLE001
+        except (OSError, ValueError) as err:
             raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
-    x = torch.stack(images)
-    gen = MaskGenerator(size, cfg.mask_patch, sim.patch_size, args.mask_ratio or cfg.mask_ratio)
-    masks = gen.batch(len(images), torch.Generator().manual_seed(args.seed))
+    x = torch.stack(images)  # (B, 3, size, size)
+    masker = MaskGenerator(size, args.mask_patch or settings["mask_patch"], sim.patch_size,
+                           args.mask_ratio or settings["mask_ratio"], seed=args.seed)
+    masks = masker.batch(len(images))  # (B, size/p, size/p)
+    sim = sim.to(args.device)
     with torch.no_grad():
-        rec, _ = sim.reconstruct(x, masks)
-        loss = sim(x, masks)
-    save_reconstruction_grid(x, masks, rec, args.output, norm_target_window=cfg.norm_target_window,
-                             patch_size=sim.patch_size)
-    print(f"masked L1 loss {loss.item():.4f} on {len(images)} image(s); picture: {args.output}")
+        rec, _ = sim.reconstruct(x.to(args.device), masks.to(args.device))
+        loss = sim(x.to(args.device), masks.to(args.device))
+    save_reconstruction_grid(x, masks, rec.cpu(), args.output, norm_target_window=sim.norm_target_window)
+    target = f"locally normalised target (window {sim.norm_target_window})" if sim.norm_target_window else "pixels"
+    print(f"{settings['model']}: masked L1 loss {loss.item():.4f} on {len(images)} image(s) at {size}px, "
+          f"{masker.count} of {masker.cells[0] * masker.cells[1]} cells hidden, {target}; picture: {args.output}")
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("reconstruct", help="picture of a SimMIM checkpoint's reconstructions of images")
-    p.add_argument("checkpoint", help="a checkpoint-*.pt written by `swinv2 pretrain`")
+    p = sub.add_parser("reconstruct", help="picture of a SimMIM checkpoint's predictions of hidden image areas",
+                       description=__doc__.split("\n\n", 1)[1], formatter_class=_raw_formatter())
+    p.add_argument("checkpoint", help="SimMIM checkpoint: from `swinv2 pretrain`, or an official pre-training file")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--output", default="reconstruction.png")
+    p.add_argument("--output", default="reconstruction.png", help="PNG to write (default: %(default)s)")
     p.add_argument("--img-size", type=int, default=None, help="default: the pre-training size")
-    p.add_argument("--mask-ratio", type=float, default=None, help="default: the pre-training ratio")
-    p.add_argument("--seed", type=int, default=0, help="seed of the masks")
+    p.add_argument("--mask-ratio", type=float, default=None, help="default: the pre-training ratio (official 0.6)")
+    p.add_argument("--mask-patch", type=int, default=None, help="mask square in pixels; default: pre-training's (32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the masks (default: %(default)s)")
+    p.add_argument("--model", default=None, help="architecture of an official checkpoint (see `swinv2 list`)")
+    p.add_argument("--window-size", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--norm-target-window", type=_window_arg, default="auto",
+                   help="odd window of the local target normalisation, or 'none'; default: the checkpoint's "
+                        "(official files: 47)")
+    p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_reconstruct)
+
+
+def _raw_formatter():
+    import argparse
+
+    return argparse.RawDescriptionHelpFormatter
