@@ -1,0 +1,406 @@
+"""``swinv2 predict``: the top-k classes of images (or folders of images), preprocessed the way
+the weights were evaluated.
+
+The preprocessing belongs to the weights, not to the command: a registered weight tag brings
+its official crop policy (centre crop at 256, squash at 384), a file written by
+:func:`swinv2.save_pretrained` may carry its own (``preprocess`` metadata, as ``swinv2 train``
+writes it) and its class names (``class_names`` metadata), and everything else falls back to
+the official default (centre crop at ``crop_pct`` 0.875 of the model's own size).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import hub
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from .layers import to_2tuple
+from .variants import create_model, get_variant
+
+# What a folder walk picks up (case-insensitive). A file named explicitly is always tried.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+FORMATS = ("table", "json", "csv")
+
+
+@dataclass
+class Preprocess:
+    """How the weights expect images: the arguments of :func:`eval_transform`."""
+
+    img_size: int | tuple[int, int]
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def transform(self):
+        return eval_transform(self.img_size, crop_pct=self.crop_pct, crop_mode=self.crop_mode,
+                              interpolation=self.interpolation, mean=self.mean, std=self.std)
+
+    def describe(self) -> str:
+        h, w = to_2tuple(self.img_size)
+        if self.crop_mode == "center":
+            rh, rw = (math.floor(s / self.crop_pct + 1e-6) for s in (h, w))
+            resize = f"{rh} (shorter side)" if h == w else f"{rh}x{rw}"
+            return f"resize {self.interpolation} to {resize}, centre-crop {h}x{w}"
+        return f"resize {self.interpolation} to {h}x{w}"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference with the preprocessing and class names of its weights."""
+
+    model: torch.nn.Module
+    preprocess: Preprocess
+    class_names: list[str] | None  # None: not known from the weights
+    source: str  # where the weights came from, for messages
+    random_weights: bool = False
+
+
+def _registered(name: str | None, checkpoint: str | None) -> hub.PretrainedWeights | None:
+    """The registry entry the weights are: a tag given by name, or a local copy of a released
+    file (same file name, e.g. downloaded elsewhere because this machine is offline)."""
+    if name and name in hub.PRETRAINED:
+        return hub.PRETRAINED[name]
+    if checkpoint:
+        base = os.path.basename(checkpoint)
+        for weights in hub.PRETRAINED.values():
+            if weights.file == base and (name is None or weights.arch == name.split(".", 1)[0]):
+                return weights
+    return None
+
+
+def _from_registry(weights: hub.PretrainedWeights) -> Preprocess:
+    return Preprocess(weights.img_size, weights.crop_pct, weights.crop_mode, weights.interpolation,
+                      tuple(weights.mean), tuple(weights.std))
+
+
+def _from_metadata(meta: dict[str, str], path: str, default_size) -> tuple[Preprocess | None, list[str] | None]:
+    """Preprocessing and class names stored by ``swinv2 train`` (``preprocess`` and
+    ``class_names`` metadata, JSON); None for what the file does not say."""
+    pre = names = None
+    try:
+        if meta.get("preprocess"):
+            fields = json.loads(meta["preprocess"])
+            fields.setdefault("img_size", default_size)
+            for key in ("mean", "std"):
+                if key in fields:
+                    fields[key] = tuple(fields[key])
+            if isinstance(fields["img_size"], list):
+                fields["img_size"] = tuple(fields["img_size"])
+            pre = Preprocess(**{k: v for k, v in fields.items() if k in Preprocess.__dataclass_fields__})
+        if meta.get("class_names"):
+            names = [str(n) for n in json.loads(meta["class_names"])]
+    except (json.JSONDecodeError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path}: unreadable preprocess/class_names metadata ({err})") from err
+    return pre, names
+
+
+def load_for_inference(
+    model: str | None = None, checkpoint: str | os.PathLike | None = None, device=None
+) -> LoadedModel:
+    """Build the model for ``--model TAG_OR_NAME`` and/or ``--checkpoint PATH``.
+
+    - ``model="arch.tag"`` (registered weights): downloaded into the cache, registry preprocessing;
+    - ``model="arch"`` alone: random weights (``random_weights=True``: the caller must warn);
+    - ``checkpoint``: a swinv2 safetensors file (rebuilt from its metadata), a training
+      checkpoint of ``swinv2 train``, or any checkpoint :func:`load_pretrained` reads, with
+      ``model`` naming the architecture.
+    """
+    if model is None and checkpoint is None:
+        raise ValueError("give --model TAG_OR_NAME (see 'swinv2 pretrained' and 'swinv2 list') or --checkpoint PATH")
+    if checkpoint is None:
+        if "." in model:
+            weights = hub.get_pretrained(model)  # ValueError naming the registered tags
+            net = create_model(weights.name, pretrained=True)
+            return LoadedModel(net, _from_registry(weights), None, weights.name)
+        get_variant(model)  # ValueError naming the known models
+        net = create_model(model)
+        return LoadedModel(net, Preprocess(net.img_size), None, model, random_weights=True)
+
+    path = os.fspath(checkpoint)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    from .variants import _is_training_checkpoint
+
+    names = pre = None
+    meta = hub.read_metadata(path)  # CheckpointError (a ValueError) for a corrupt safetensors file
+    net = create_model(model, pretrained=path)
+    if meta is not None:
+        pre, names = _from_metadata(meta, path, net.img_size)
+    elif _is_training_checkpoint(path):
+        from .train.checkpoint import load_checkpoint
+
+        state = load_checkpoint(path)
+        cfg = state.get("config") or {}
+        crop = float(cfg.get("crop_pct", 0.875))
+        pre = Preprocess(cfg.get("img_size") or net.img_size, crop, "center" if crop < 1 else "squash")
+        names = state.get("class_names") or None
+    registered = _registered(model, path)
+    if pre is None and registered is not None:
+        pre = _from_registry(registered)
+    return LoadedModel(net, pre or Preprocess(net.img_size), names, path)
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class names, in index order (shipped with torchvision)."""
+    from torchvision.models import ResNet50_Weights
+
+    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def class_names_for(num_classes: int, known: Sequence[str] | None = None, labels_file=None) -> list[str]:
+    """``labels_file`` (one name a line), else ``known`` (the weights' own), else the
+    ImageNet-1k names for 1000 classes, else ``class N``."""
+    if labels_file is not None:
+        lines = Path(labels_file).read_text(encoding="utf-8").splitlines()
+        names = [line.strip() for line in lines if line.strip()]
+        if len(names) != num_classes:
+            raise ValueError(f"{labels_file} has {len(names)} labels but the model has {num_classes} classes")
+        return names
+    if known:
+        if len(known) != num_classes:
+            raise ValueError(f"the weights name {len(known)} classes but the model has {num_classes} outputs")
+        return list(known)
+    if num_classes == 1000:
+        return imagenet_class_names()
+    return [f"class {i}" for i in range(num_classes)]
+
+
+def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files named explicitly (whatever their extension), and the images under each folder
+    (recursively, by extension, sorted so that runs are reproducible)."""
+    found: list[Path] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            files = sorted(
+                (f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS),
+                key=lambda f: f.as_posix(),
+            )
+            if not files:
+                raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under the folder {path}")
+            found.extend(files)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {path}")
+    seen: set[Path] = set()
+    return [f for f in found if not (f in seen or seen.add(f))]
+
+
+def _load_image(path: Path, transform) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()  # decode now, so that a truncated file fails here and not in the transform
+        return transform(img)
+
+
+def predict(
+    model: torch.nn.Module,
+    paths: Iterable[str | os.PathLike],
+    *,
+    transform,
+    class_names: Sequence[str] | None = None,
+    topk: int = 5,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> list[dict]:
+    """Classify images; folders are expanded with :func:`find_images`.
+
+    Returns one dict per image, in order: ``path``, ``ok``, ``error`` (the reason an image
+    could not be read, else None) and ``topk``, a list of ``{rank, index, label, prob}`` by
+    decreasing probability (softmax over all classes). An unreadable image is reported on
+    stderr and skipped; the others go on.
+    """
+    from tqdm.auto import tqdm
+
+    if topk < 1:
+        raise ValueError(f"topk must be at least 1, got {topk}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes == 0:
+        raise ValueError("the model has no classifier head (num_classes=0): nothing to predict")
+    files = find_images(paths)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rows: list[dict] = []
+    bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=None if progress else True)
+    try:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start : start + batch_size]
+            tensors, slots = [], []
+            for path in chunk:
+                row = dict(path=os.fspath(path), ok=True, error=None, topk=[])
+                try:
+                    tensors.append(_load_image(path, transform))
+                    slots.append(row)
+                except Exception as err:  # noqa: BLE001 - any decoder failure: report the file, go on
+                    row.update(ok=False, error=f"{type(err).__name__}: {err}")
+                    tqdm.write(f"swinv2: skipping {path}: {row['error']}", file=sys.stderr)
+                rows.append(row)
+            if tensors:
+                batch = torch.stack(tensors).to(device=device, dtype=next(model.parameters()).dtype)
+                with torch.inference_mode():
+                    probs = model(batch).float().softmax(dim=-1).cpu()
+                k = min(topk, probs.shape[-1])
+                values, indices = probs.topk(k, dim=-1)  # sorted by decreasing probability
+                for row, vals, idxs in zip(slots, values.tolist(), indices.tolist()):
+                    row["topk"] = [
+                        dict(rank=r + 1, index=i, label=class_names[i] if class_names else str(i), prob=v)
+                        for r, (v, i) in enumerate(zip(vals, idxs))
+                    ]
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return rows
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def format_table(rows: list[dict]) -> str:
+    """One line per image and rank, columns aligned; unreadable images show their error."""
+    width = max([len("image")] + [len(r["path"]) for r in rows])
+    label_w = max([len("class")] + [len(p["label"]) for r in rows for p in r["topk"]])
+    lines = [f"{'image':<{width}}  {'rank':>4}  {'class':<{label_w}}  {'prob':>7}"]
+    for r in rows:
+        if not r["ok"]:
+            lines.append(f"{r['path']:<{width}}  {'-':>4}  error: {r['error']}")
+            continue
+        for p in r["topk"]:
+            name = r["path"] if p["rank"] == 1 else ""
+            lines.append(f"{name:<{width}}  {p['rank']:>4}  {p['label']:<{label_w}}  {p['prob']:>7.4f}")
+    return "\n".join(lines) + "\n"
+
+
+def format_csv(rows: list[dict]) -> str:
+    """Long format: one record per image and rank; an unreadable image is one record with its error."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["path", "ok", "error", "rank", "index", "label", "prob"])
+    for r in rows:
+        if not r["ok"]:
+            writer.writerow([r["path"], "false", r["error"], "", "", "", ""])
+        for p in r["topk"]:
+            writer.writerow([r["path"], "true", "", p["rank"], p["index"], p["label"], f"{p['prob']:.6g}"])
+    return out.getvalue()
+
+
+def format_rows(rows: list[dict], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    if fmt == "csv":
+        return format_csv(rows)
+    if fmt == "table":
+        return format_table(rows)
+    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'256' -> (256, 256); '320x448' -> (320, 448)."""
+    import argparse
+
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+        size = to_2tuple(parts[0] if len(parts) == 1 else parts)
+    except (ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}") from None
+    if min(size) < 1:
+        raise argparse.ArgumentTypeError(f"the size must be positive, got {text!r}")
+    return size
+
+
+def _positive(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def random_weights_warning(name: str) -> str:
+    tags = [n for n in hub.PRETRAINED if n.split(".", 1)[0] == name]
+    hint = f"--model {tags[0]}" if tags else "--model ARCH.TAG (see 'swinv2 pretrained')"
+    return (f"WARNING: {name} is an architecture name without weights: the model is RANDOMLY INITIALISED and "
+            f"its predictions are MEANINGLESS. Use {hint} or --checkpoint FILE.")
+
+
+def cmd_predict(args) -> int:
+    if args.model is None and args.checkpoint is None:
+        raise ValueError("predict needs --model TAG_OR_NAME or --checkpoint PATH")
+    files = find_images(args.paths)  # bad paths fail before the model is built or downloaded
+    loaded = load_for_inference(args.model, args.checkpoint)
+    if loaded.random_weights:
+        print(random_weights_warning(args.model), file=sys.stderr)
+    pre = loaded.preprocess
+    if args.img_size:
+        pre.img_size = args.img_size
+    net = loaded.model.to(args.device or default_device())
+    names = class_names_for(net.num_classes, loaded.class_names, args.labels)
+    print(f"{loaded.source}: {net.num_classes} classes; {pre.describe()}; {len(files)} images", file=sys.stderr)
+    rows = predict(net, files, transform=pre.transform(), class_names=names, topk=args.topk,
+                   batch_size=args.batch_size, progress=not args.quiet)
+    text = format_rows(rows, args.format)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.output, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    failed = sum(not r["ok"] for r in rows)
+    if failed:
+        print(f"swinv2: {failed} of {len(rows)} images could not be read", file=sys.stderr)
+    return 1 if failed == len(rows) else 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="top-k classes of images or folders of images")
+    p.add_argument("paths", nargs="+", metavar="IMAGE_OR_FOLDER", help="images, or folders searched recursively")
+    p.add_argument("--model", default=None, metavar="TAG_OR_NAME",
+                   help="registered weights (arch.tag, see 'swinv2 pretrained'), or an architecture: with "
+                        "--checkpoint, the architecture of the file; alone, random weights (for testing only)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="a swinv2 .safetensors file, a training checkpoint, or any checkpoint (with --model)")
+    p.add_argument("--topk", type=_positive, default=5)
+    p.add_argument("--batch-size", type=_positive, default=32)
+    p.add_argument("--img-size", type=parse_size, default=None,
+                   help="N or HxW: evaluate at this size instead of the weights' own (same crop policy)")
+    p.add_argument("--labels", default=None, metavar="FILE", help="class names, one per line, in index order")
+    p.add_argument("--format", choices=FORMATS, default="table")
+    p.add_argument("--output", default=None, metavar="FILE", help="write the results here instead of stdout")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "LoadedModel", "Preprocess", "class_names_for", "find_images", "format_rows",
+    "imagenet_class_names", "load_for_inference", "predict",
+]
