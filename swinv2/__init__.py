@@ -12,6 +12,7 @@ from .hub import (
 )
 from .loading import CheckpointError, LoadReport, StateDictMismatchError, load_pretrained
 from .model import SwinTransformerV2
+from .simmim import MaskGenerator, SimMIM
 from .variants import create_model, list_models
 
 __version__ = "0.1.0"
@@ -19,7 +20,9 @@ __all__ = [
     "CheckpointError",
     "DownloadError",
     "LoadReport",
+    "MaskGenerator",
     "PretrainedWeights",
+    "SimMIM",
     "StateDictMismatchError",
     "SwinTransformerV2",
     "convert",
