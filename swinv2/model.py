@@ -10,7 +10,7 @@ shift and mask from the actual feature map at forward time.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -203,6 +203,12 @@ class SwinTransformerV2(nn.Module):
       own; ``official`` reproduces the official min(H, W) rule on non-square maps.
     - ``cpb_hidden_dim``: width of the position-bias MLP (512 in the paper).
     - ``global_pool``: ``avg``, or ``""`` to keep the map in :meth:`forward_head`.
+    - ``grad_checkpointing``: recompute blocks in backward (paper §3.5): False, True (every
+      stage) or a list of stage indices; see :meth:`set_grad_checkpointing`.
+    - ``sequential_attention``: attend windows in chunks, one chunk after the other (paper
+      §3.5): False, True (every stage), a list of stage indices, or a dict {stage: windows
+      per chunk, or None to size chunks from ``sequential_attention_budget_mb``}; see
+      :meth:`set_sequential_attention`.
 
     ``fused_window_process`` is accepted and ignored, as in the official code.
     """
@@ -235,6 +241,9 @@ class SwinTransformerV2(nn.Module):
         window_rule: str = "per_axis",
         cpb_hidden_dim: int = 512,
         global_pool: str = "avg",
+        grad_checkpointing: bool | Sequence[int] = False,
+        sequential_attention: bool | Sequence[int] | Mapping[int, int | None] = False,
+        sequential_attention_budget_mb: float | None = None,
         fused_window_process: bool = False,
     ):
         super().__init__()
@@ -323,8 +332,16 @@ class SwinTransformerV2(nn.Module):
         for stage in self.layers:
             for block in stage.blocks:
                 block.init_res_post_norm()
-        if use_checkpoint:
-            self.set_grad_checkpointing(True)
+        # Memory options (paper §3.5); the setters record them in ``config``.
+        self.config.update(grad_checkpointing=False, sequential_attention=False,
+                           sequential_attention_budget_mb=None)
+        checkpointed = _stage_spec(True if use_checkpoint else grad_checkpointing, self.num_layers,
+                                   "grad_checkpointing")
+        if checkpointed:
+            self.set_grad_checkpointing(True, stages=checkpointed)
+        self._apply_sequential_attention(
+            _stage_spec(sequential_attention, self.num_layers, "sequential_attention"), sequential_attention_budget_mb
+        )
 
     # -- sizes and windows ------------------------------------------------------------
 
@@ -499,9 +516,46 @@ class SwinTransformerV2(nn.Module):
 
         ``stages`` limits it to those stage indices; the others are switched off.
         """
-        chosen = set(range(self.num_layers) if stages is None else stages)
+        chosen = set(range(self.num_layers) if stages is None else _stage_spec(list(stages), self.num_layers,
+                                                                               "stages"))
         for i, stage in enumerate(self.layers):
             stage.grad_checkpointing = bool(enable) and i in chosen
+        on = [i for i, stage in enumerate(self.layers) if stage.grad_checkpointing]
+        self.config["grad_checkpointing"] = on if on else False
+
+    def set_sequential_attention(
+        self,
+        stages: bool | Iterable[int] | None = None,
+        chunk_windows: int | None = None,
+        memory_budget_mb: float | None = None,
+    ) -> None:
+        """Attend windows in chunks, one chunk after the other (paper §3.5: used in the first
+        two stages at 1536x1536 with 32x32 windows), so that the attention scores alive at
+        once are bounded; outputs and gradients equal the batched computation.
+
+        ``stages``: stage indices (None or True: all; False or []: switch off everywhere).
+        ``chunk_windows``: windows per chunk; otherwise each attention call derives it from
+        ``memory_budget_mb`` (default 256) for its score-sized tensors:
+        ``chunk = budget / (SCORE_TENSORS * nH * N^2 * bytes per element)``, at the dtype
+        and window it actually runs with. With gradients each chunk is recomputed in backward,
+        which costs one extra attention forward (not the qkv and output projections).
+        """
+        if chunk_windows is not None and chunk_windows < 1:
+            raise ValueError(f"chunk_windows must be at least 1, got {chunk_windows}")
+        if memory_budget_mb is not None and memory_budget_mb <= 0:
+            raise ValueError(f"memory_budget_mb must be positive, got {memory_budget_mb}")
+        chosen = _stage_spec(True if stages is None else stages, self.num_layers, "stages")
+        self._apply_sequential_attention(dict.fromkeys(chosen, chunk_windows), memory_budget_mb)
+
+    def _apply_sequential_attention(self, spec: dict[int, int | None], budget_mb: float | None) -> None:
+        """Set every stage from ``{stage: windows per chunk or None}``; stages not in it are off."""
+        for i, stage in enumerate(self.layers):
+            for block in stage.blocks:
+                block.attn.sequential = i in spec
+                block.attn.chunk_windows = spec.get(i)
+                block.attn.memory_budget_mb = budget_mb if i in spec else None
+        self.config["sequential_attention"] = dict(spec) if spec else False
+        self.config["sequential_attention_budget_mb"] = budget_mb if spec else None
 
     def set_fused_attn(self, enable: bool = True) -> None:
         """Use one fused ``scaled_dot_product_attention`` call per window batch (default), or
@@ -589,6 +643,25 @@ class SwinTransformerV2(nn.Module):
         if self.num_classes > 0:
             total += self.num_features * self.num_classes
         return int(total)
+
+
+def _stage_spec(spec, num_stages: int, name: str) -> dict[int, int | None]:
+    """False / True / [stages] / {stage: value} -> {stage: value or None}, indices checked.
+    JSON-saved configs turn dict keys into strings, so those are accepted too."""
+    if spec is None or spec is False:
+        return {}
+    if spec is True:
+        return dict.fromkeys(range(num_stages))
+    if isinstance(spec, Mapping):
+        out = {int(k): (None if v is None else int(v)) for k, v in spec.items()}
+    elif isinstance(spec, Iterable) and not isinstance(spec, str):
+        out = dict.fromkeys(int(i) for i in spec)
+    else:
+        raise TypeError(f"{name} must be a bool, a list of stage indices or a dict, got {spec!r}")
+    bad = [i for i in out if not 0 <= i < num_stages]
+    if bad:
+        raise ValueError(f"{name}: stage indices {bad} out of range for {num_stages} stages")
+    return out
 
 
 def _stage_indices(num_stages: int, indices) -> list[int]:

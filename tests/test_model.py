@@ -1,5 +1,6 @@
 """The network: construction, variants, training behaviour, the timm-style API."""
 
+import json
 import math
 
 import pytest
@@ -379,27 +380,34 @@ def test_fused_attention_equals_reference_path(switch):
 
 @pytest.mark.parametrize("switch", [{}, dict(attn_type="dot"), dict(position_bias="none")], ids=str)
 def test_cpu_half_precision_kernel_equals_reference(switch, monkeypatch):
-    """The batched-matmul kernel used for bf16/fp16 on CPUs, run in float64 through the same
-    code, equals the reference path; in bf16 it is as accurate as the reference."""
-    from swinv2.layers import WindowAttention
+    """The matmul kernel used for bf16/fp16 on CPUs, run in float64 through the same code,
+    equals the reference path, outputs and gradients; in bf16 it is as accurate as the reference."""
+    from swinv2 import layers
 
-    model = debug_model(seed=7, **switch).eval().double()
-    x = torch.randn(2, 3, 36, 52, dtype=torch.float64)
+    model = debug_model(seed=7, **switch).double().train()
+    x = torch.randn(2, 3, 36, 52, dtype=torch.float64)  # padded, shifted and global windows
     calls = []
-    baddbmm = torch.baddbmm
-    monkeypatch.setattr(torch, "baddbmm", lambda *a, **k: calls.append(1) or baddbmm(*a, **k))
-    with torch.no_grad():
+    kernel = layers._matmul_attention
+    monkeypatch.setattr(layers, "_matmul_attention", lambda *a: calls.append(1) or kernel(*a))
+
+    def run(fused):
+        model.zero_grad()
+        model.set_fused_attn(fused)
+        out = model(x)
+        out.square().sum().backward()
+        return out.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    truth, truth_grad = run(False)
+    monkeypatch.setattr(layers.WindowAttention, "cpu_matmul_dtypes", (torch.float64, torch.bfloat16))
+    out, grad = run(True)
+    assert rel_err(out, truth) < 1e-12 and rel_err(grad, truth_grad) < 1e-10
+    assert len(calls) == 8  # every block took the matmul kernel
+    model.float().eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused16 = model(x.float())
         model.set_fused_attn(False)
-        truth = model(x)
-        monkeypatch.setattr(WindowAttention, "cpu_bmm_dtypes", (torch.float64, torch.bfloat16))
-        model.set_fused_attn(True)
-        assert rel_err(model(x), truth) < 1e-12
-        assert len(calls) == 8  # every block took the batched-matmul kernel
-        model.float()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            fused16 = model(x.float())
-            model.set_fused_attn(False)
-            eager16 = model(x.float())
+        eager16 = model(x.float())
+    assert len(calls) == 16
     assert rel_err(fused16, truth) < 1.5 * rel_err(eager16, truth)
 
 
@@ -461,4 +469,162 @@ def test_inductor_compiled_model_matches_eager():
     x = torch.randn(2, 3, 36, 52)
     with torch.no_grad():
         assert rel_err(compiled(x), model(x)) < 1e-5
+    torch._dynamo.reset()
+
+
+# -- memory options: activation checkpointing and sequential attention (paper §3.5) ---------
+
+
+def _train_step(model, x):
+    """Outputs, parameter gradients and input gradient of one backward of a fixed loss."""
+    model.zero_grad()
+    x = x.detach().requires_grad_(True)
+    out = model(x)
+    out.square().sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads)
+    return out.detach(), torch.cat([g.flatten() for g in grads]), x.grad
+
+
+@pytest.mark.parametrize("stages", [None, [0, 2]], ids=["all", "stages0,2"])
+def test_gradient_checkpointing_is_exact_in_float64(stages):
+    x = torch.randn(2, 3, 36, 52, dtype=torch.float64)  # padded, shifted and global windows
+    model = debug_model(seed=11).double().train()
+    out0, grad0, xgrad0 = _train_step(model, x)
+    model.set_grad_checkpointing(True, stages=stages)
+    assert [s.grad_checkpointing for s in model.layers] == [stages is None or i in stages for i in range(4)]
+    out1, grad1, xgrad1 = _train_step(model, x)
+    assert rel_err(out1, out0) < 1e-14  # the same kernels on the same inputs
+    assert rel_err(grad1, grad0) < 1e-12 and rel_err(xgrad1, xgrad0) < 1e-12
+
+
+def test_gradient_checkpointing_keyword_and_config():
+    model = swinv2.create_model(DEBUG, grad_checkpointing=[1, 3])
+    assert [s.grad_checkpointing for s in model.layers] == [False, True, False, True]
+    assert model.config["grad_checkpointing"] == [1, 3]
+    rebuilt = swinv2.SwinTransformerV2(**json.loads(json.dumps(model.config)))
+    assert [s.grad_checkpointing for s in rebuilt.layers] == [False, True, False, True]
+    model.set_grad_checkpointing(False)
+    assert model.config["grad_checkpointing"] is False
+    assert all(s.grad_checkpointing for s in swinv2.create_model(DEBUG, grad_checkpointing=True).layers)
+    with pytest.raises(ValueError, match="out of range"):
+        swinv2.create_model(DEBUG, grad_checkpointing=[4])
+
+
+def _count_attention_calls(monkeypatch):
+    """Records the number of windows of every attention call (forward and recomputation)."""
+    from swinv2.layers import WindowAttention
+
+    sizes = []
+    attend = WindowAttention._attend
+    monkeypatch.setattr(WindowAttention, "_attend", lambda self, q, *a: sizes.append(q.shape[0]) or attend(self, q, *a))
+    return sizes
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+@pytest.mark.parametrize("chunk", [1, 5, 12, 13])
+def test_sequential_attention_equals_batched_float64(chunk, fused, monkeypatch):
+    """Chunks that split an image's windows (mask rows sliced or gathered across images),
+    whole images (12 = the 3x4 windows of the 9x13 stage-0 map) and more: outputs, every
+    parameter's gradient and the input gradient equal the batched computation."""
+    x = torch.randn(2, 3, 36, 52, dtype=torch.float64)  # 9x13 map: padded to 12x16, shifted
+    model = debug_model(seed=12).double().train()
+    model.set_fused_attn(fused)
+    out0, grad0, xgrad0 = _train_step(model, x)
+    model.set_sequential_attention([0, 1], chunk_windows=chunk)
+    sizes = _count_attention_calls(monkeypatch)
+    out1, grad1, xgrad1 = _train_step(model, x)
+    assert rel_err(out1, out0) < 1e-12
+    assert rel_err(grad1, grad0) < 1e-12 and rel_err(xgrad1, xgrad0) < 1e-12
+    # stage 0 has 2 images x 12 windows, stage 1 2 x 4: each is attended in chunks, and with
+    # gradients every chunk is run again in backward (recomputed, not kept)
+    # (a chunk of all the windows or more is one batched call, not recomputed)
+    per_block = [[min(chunk, n - s) for s in range(0, n, chunk)] for n in (24, 8)]
+    expected_forward = per_block[0] * 2 + per_block[1] * 2 + [2, 2, 2, 2]  # stages 2, 3 batched
+    assert sizes[: len(expected_forward)] == expected_forward
+    recomputed = [c for chunks in per_block if len(chunks) > 1 for c in chunks * 2]
+    assert sorted(sizes[len(expected_forward):]) == sorted(recomputed)
+
+
+def test_sequential_attention_float32_and_eval(monkeypatch):
+    x = torch.randn(3, 3, 40, 56)
+    model = debug_model(seed=13).train()
+    out0, grad0, xgrad0 = _train_step(model, x)
+    model.set_sequential_attention(chunk_windows=7)
+    out1, grad1, xgrad1 = _train_step(model, x)
+    assert rel_err(out1, out0) < 1e-5 and rel_err(grad1, grad0) < 1e-5 and rel_err(xgrad1, xgrad0) < 1e-5
+    model.eval()
+    sizes = _count_attention_calls(monkeypatch)
+    with torch.no_grad():
+        seq = model(x)
+        model.set_sequential_attention(False)
+        assert rel_err(seq, model(x)) < 1e-6
+    assert max(sizes[:8]) == 7 and len(sizes) > 16
+
+
+def test_sequential_attention_chunks_from_memory_budget(monkeypatch):
+    from swinv2.layers import SCORE_TENSORS
+
+    model = debug_model()
+    model.set_sequential_attention([0], memory_budget_mb=1.0)
+    attn = model.layers[0].blocks[0].attn  # 2 heads
+    per_window = SCORE_TENSORS * 2 * 16**2  # elements of the score tensors of one 4x4 window
+    assert attn.windows_per_chunk(10**6, 16, torch.float32) == 2**20 // (per_window * 4)
+    assert attn.windows_per_chunk(10**6, 16, torch.bfloat16) == 2**20 // (per_window * 2)
+    assert attn.windows_per_chunk(10**6, 64**2, torch.float32) == 1  # never below one window
+    assert model.layers[1].blocks[0].attn.windows_per_chunk(50, 16, torch.float32) == 50  # stage 1 is off
+    model.set_sequential_attention([0], memory_budget_mb=4 * per_window * 7 / 2**20)  # 7 windows' worth
+    sizes = _count_attention_calls(monkeypatch)
+    with torch.no_grad():
+        model.eval()(torch.randn(2, 3, 64, 64))  # stage 0: 2 x 16 windows
+    assert sizes[:3] == [7, 7, 7] and sum(sizes[:5]) == 32
+
+
+def test_sequential_attention_options_and_config():
+    model = swinv2.create_model(DEBUG, sequential_attention=[0, 1])
+    assert [s.blocks[0].attn.sequential for s in model.layers] == [True, True, False, False]
+    assert model.config["sequential_attention"] == {0: None, 1: None}
+    model = swinv2.create_model(DEBUG, sequential_attention={0: 3, "2": 5}, sequential_attention_budget_mb=64)
+    assert [s.blocks[1].attn.chunk_windows for s in model.layers] == [3, None, 5, None]
+    rebuilt = swinv2.SwinTransformerV2(**json.loads(json.dumps(model.config)))  # as a saved file stores it
+    assert rebuilt.config == model.config
+    assert [b.attn.chunk_windows for s in rebuilt.layers for b in s.blocks] == [3, 3, None, None, 5, 5, None, None]
+    assert rebuilt.layers[0].blocks[0].attn.memory_budget_mb == 64
+    model.set_sequential_attention(chunk_windows=2)  # all stages
+    assert model.config["sequential_attention"] == {0: 2, 1: 2, 2: 2, 3: 2}
+    assert model.config["sequential_attention_budget_mb"] is None
+    model.set_sequential_attention(False)
+    assert model.config["sequential_attention"] is False
+    assert not any(b.attn.sequential for s in model.layers for b in s.blocks)
+    assert swinv2.create_model(DEBUG).config["sequential_attention"] is False  # off by default
+    assert all(s.blocks[0].attn.sequential for s in swinv2.create_model(DEBUG, sequential_attention=True).layers)
+    with pytest.raises(ValueError, match="out of range"):
+        swinv2.create_model(DEBUG, sequential_attention=[5])
+    with pytest.raises(ValueError, match="chunk_windows"):
+        model.set_sequential_attention(chunk_windows=0)
+
+
+def test_sequential_attention_with_checkpointing_is_exact():
+    x = torch.randn(2, 3, 36, 52, dtype=torch.float64)
+    model = debug_model(seed=14).double().train()
+    out0, grad0, _ = _train_step(model, x)
+    model.set_grad_checkpointing(True)
+    model.set_sequential_attention(chunk_windows=5)
+    out1, grad1, _ = _train_step(model, x)
+    assert rel_err(out1, out0) < 1e-12 and rel_err(grad1, grad0) < 1e-12
+
+
+def test_sequential_attention_compiles_whole():
+    model = debug_model(seed=15)
+    model.set_sequential_attention([0, 1], chunk_windows=5)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(2, 3, 36, 52)
+    with torch.no_grad():
+        assert rel_err(compiled.eval()(x), model(x)) < 1e-6
+    model.train()
+    out = compiled(x)
+    out.square().sum().backward()
+    grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+    _, ref_grad, _ = _train_step(model, x)
+    assert rel_err(grad, ref_grad) < 1e-5
     torch._dynamo.reset()
