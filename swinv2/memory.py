@@ -1,0 +1,461 @@
+"""Training-memory estimate of a SwinV2 model, built from the architecture, and its measurement.
+
+The estimate counts, per block, the tensors autograd keeps for backward (the same list that
+``torch.autograd.graph.saved_tensors_hooks`` sees, checked in tests/test_memory.py), adds the
+weights, gradients, optimizer states and autocast's low-precision weight copies, and walks the
+backward pass block by block (activations are freed from the last block back while gradients
+appear) to find the peak. Only the transient ``workspace`` of one block's backward and the
+fixed ``runtime`` overhead of torch's CPU kernels are calibrated constants, fitted once to peak
+RSS measured on this machine (2-core x86 CPU, torch 2.14) and stated where they are defined.
+
+``swinv2 memory --model NAME ... [--measure]`` prints the breakdown, and with ``--measure`` runs
+real AdamW training steps in a subprocess and prints the measured peak beside the prediction.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+from .layers import SCORE_TENSORS
+
+MiB = 2**20
+DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2}
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1}  # fp32 tensors per parameter (moments, momentum)
+
+# Elements of (tokens x channels) that one block keeps for backward, from the saved-tensor list
+# of the fused paths (tests/test_memory.py checks them against saved_tensors_hooks):
+# on the feature map: fc1 input 1, GELU input 4, fc2 input 4, norm2 input 1;
+_MAP_TC = 10
+# on the padded windows: qkv input 1, qkv output 3, scaled q 1, the attention kernel's q, k, v 3,
+# proj input 1, and norm1's input (a cropped view of the padded map) 1; with sequential
+# attention each chunk is recomputed, keeping none of the kernel's 4.
+_WINDOW_TC = 10
+_WINDOW_TC_SEQUENTIAL = 6
+# Score-sized tensors (windows x heads x N x N) a block keeps: the probabilities.
+_SAVED_SCORES = 1
+# Calibrated (see the module docstring): a block's backward holds about this many extra
+# (tokens x channels) tensors and two score-sized ones (their gradients) at its peak.
+_WORKSPACE_TC = 8
+_WORKSPACE_SCORES = 2
+# Calibrated: memory a training step takes beyond the tensors counted here (allocator slack,
+# kernel scratch buffers), once torch's runtime is warm (measure_training_memory warms it):
+# the measured excess of the debug model at 32-64 px, where the counted tensors are tiny.
+RUNTIME_MB = {"fp32": 4.0, "bf16": 36.0, "fp16": 36.0}
+
+
+@dataclasses.dataclass
+class MemoryEstimate:
+    """Bytes per device. ``peak`` is the estimated peak of one training step (after the
+    first, so optimizer states exist); ``breakdown`` lists the terms alive at that peak."""
+
+    params: int
+    grads: int
+    optimizer_states: int
+    autocast_weights: int
+    activations: int
+    activations_per_stage: list[int]
+    attention_scores: int
+    workspace: int
+    runtime: int
+    peak: int
+    breakdown: dict[str, int]
+    num_params: int
+    case: dict
+
+    def table(self) -> str:
+        rows = [(k, v) for k, v in self.breakdown.items()] + [("peak total", self.peak)]
+        lines = [f"{'term':<34} {'MiB':>10}", "-" * 45]
+        lines += [f"{k:<34} {v / MiB:>10.1f}" for k, v in rows]
+        lines.append("")
+        lines.append("activations kept for backward, per stage: "
+                     + ", ".join(f"{i}: {a / MiB:.1f}" for i, a in enumerate(self.activations_per_stage)) + " MiB")
+        lines.append(f"largest attention scores alive at once: {self.attention_scores / MiB:.1f} MiB")
+        return "\n".join(lines)
+
+
+def count_params_analytic(config: dict) -> int:
+    """Parameter count of ``SwinTransformerV2(**config)`` from the architecture numbers
+    (default switches: res-post-norm, cosine attention, log-CPB; V1 tables and the others
+    are handled too)."""
+    C, depths, heads = config["embed_dim"], config["depths"], config["num_heads"]
+    ph, pw = _pair(config.get("patch_size", 4))
+    in_chans = config.get("in_chans", 3)
+    total = C * in_chans * ph * pw + C + (2 * C if config.get("patch_norm", True) else 0)
+    if config.get("ape"):
+        ih, iw = _pair(config["img_size"])
+        total += (ih // ph) * (iw // pw) * C
+    hidden_cpb = config.get("cpb_hidden_dim", 512)
+    bias = config.get("position_bias", "log_cpb")
+    period = config.get("extra_norm_period", 0)
+    windows = _stage_windows(config)
+    for i, (depth, nH) in enumerate(zip(depths, heads)):
+        c = C * 2**i
+        hid = int(c * config.get("mlp_ratio", 4.0))
+        block = 2 * c + 2 * c  # norm1, norm2
+        block += 3 * c * c + (2 * c if config.get("qkv_bias", True) else 0) + c * c + c  # qkv, q/v bias, proj
+        block += c * hid + hid + hid * c + c  # mlp
+        if config.get("attn_type", "cosine") == "cosine":
+            block += nH
+        if bias in ("log_cpb", "linear_cpb"):
+            block += 2 * hidden_cpb + hidden_cpb + hidden_cpb * nH
+        elif bias == "table":
+            wh, ww = windows[i]
+            block += (2 * wh - 1) * (2 * ww - 1) * nH
+        if config.get("norm_placement", "res_post") == "sandwich":
+            block += 4 * c
+        total += depth * block
+        if period:
+            total += (depth // period) * 2 * c
+        if i < len(depths) - 1:
+            total += 4 * c * 2 * c + 2 * 2 * c  # patch merging: reduction, norm
+    F = C * 2 ** (len(depths) - 1)
+    total += 2 * F
+    classes = config.get("num_classes", 1000)
+    if classes > 0:
+        total += F * classes + classes
+    return total
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _stage_windows(config: dict) -> list[tuple[int, int]]:
+    from .layers import effective_window
+
+    ph, pw = _pair(config.get("patch_size", 4))
+    ih, iw = _pair(config["img_size"])
+    h, w = ih // ph, iw // pw
+    out = []
+    for _ in config["depths"]:
+        out.append(effective_window((h, w), _pair(config["window_size"]), config.get("window_rule", "per_axis"))[0])
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return out
+
+
+def _model_config(model_or_name, img_size, window) -> dict:
+    if isinstance(model_or_name, str):
+        from .variants import create_model
+
+        overrides = {}
+        if img_size is not None:
+            overrides["img_size"] = img_size
+        if window is not None:
+            overrides["window_size"] = window
+        return dict(create_model(model_or_name, device="meta", **overrides).config)
+    config = dict(model_or_name.config)
+    if img_size is not None:
+        config["img_size"] = img_size
+    if window is not None:
+        config["window_size"] = window
+    return config
+
+
+def estimate_training_memory(
+    model_or_name,
+    img_size: int | tuple[int, int] | None = None,
+    window: int | None = None,
+    batch_size: int = 1,
+    dtype: str = "fp32",
+    grad_checkpointing=None,
+    sequential_attention=None,
+    chunk_windows: int | None = None,
+    memory_budget_mb: float | None = None,
+    optimizer: str = "adamw",
+    zero_world_size: int = 1,
+    fsdp_world_size: int = 1,
+) -> MemoryEstimate:
+    """Estimated peak memory of one training step on one device.
+
+    ``model_or_name``: a variant name or a SwinTransformerV2 (its config, including its
+    checkpointing and sequential-attention settings, unless given here). ``dtype``: ``fp32``,
+    or ``bf16`` / ``fp16`` autocast (fp32 weights, gradients and states; 2-byte activations).
+    ``grad_checkpointing`` / ``sequential_attention``: False, True (all stages), stage list,
+    or (sequential) a dict {stage: windows per chunk}. ``zero_world_size``: ZeRO-1 shards the
+    optimizer states; ``fsdp_world_size``: FSDP shards weights, gradients and states, and
+    gathers one block's weights and gradients at a time.
+    """
+    from .layers import DEFAULT_ATTENTION_BUDGET_MB
+    from .model import _stage_spec
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATES)}, got {optimizer!r}")
+    if zero_world_size < 1 or fsdp_world_size < 1 or batch_size < 1:
+        raise ValueError("batch_size, zero_world_size and fsdp_world_size must be at least 1")
+    config = _model_config(model_or_name, img_size, window)
+    n_stages = len(config["depths"])
+    ckpt = _stage_spec(config.get("grad_checkpointing") if grad_checkpointing is None else grad_checkpointing,
+                       n_stages, "grad_checkpointing")
+    seq = _stage_spec(config.get("sequential_attention") if sequential_attention is None else sequential_attention,
+                      n_stages, "sequential_attention")
+    if chunk_windows is not None:
+        seq = dict.fromkeys(seq, chunk_windows)
+    budget = memory_budget_mb or config.get("sequential_attention_budget_mb") or DEFAULT_ATTENTION_BUDGET_MB
+
+    s = DTYPES[dtype]
+    B = batch_size
+    n_params = count_params_analytic(config)
+    P = 4 * n_params
+    ph, pw = _pair(config.get("patch_size", 4))
+    ih, iw = _pair(config["img_size"])
+    h, w = ih // ph, iw // pw
+    C0 = config["embed_dim"]
+    windows = _stage_windows(config)
+
+    # Embedding: the conv keeps the image (as a 2-byte copy under autocast), the LayerNorm its input.
+    embed = B * config.get("in_chans", 3) * ih * iw * s + B * h * w * C0 * s
+    per_block: list[tuple[int, int, int, int, int]] = []  # (stage, saved, workspace, scores alive, grads)
+    stage_acts, max_scores = [], 0
+    depths, heads = config["depths"], config["num_heads"]
+    block_params = _block_param_bytes(config)
+    for i, (depth, nH) in enumerate(zip(depths, heads)):
+        c = C0 * 2**i
+        wh, ww = windows[i]
+        N = wh * ww
+        Hp, Wp = math.ceil(h / wh) * wh, math.ceil(w / ww) * ww
+        T, Tp = B * h * w, B * Hp * Wp
+        n_windows = Tp // N
+        S = n_windows * nH * N * N  # score elements of one batched attention call
+        if i in seq:
+            chunk = seq[i] or max(1, int(budget * MiB // (SCORE_TENSORS * nH * N * N * s)))
+            S_alive = min(chunk, n_windows) * nH * N * N
+            window_tc = _WINDOW_TC_SEQUENTIAL if chunk < n_windows else _WINDOW_TC
+            saved_scores = 0 if chunk < n_windows else _SAVED_SCORES * S
+        else:
+            S_alive, window_tc, saved_scores = S, _WINDOW_TC, _SAVED_SCORES * S
+        cpb = (2 * wh - 1) * (2 * ww - 1) * config.get("cpb_hidden_dim", 512)
+        rows = n_windows * nH * N if window_tc == _WINDOW_TC else 0  # q, k norms: recomputed in chunks
+        full = block_saved_bytes(T, Tp, c, rows, saved_scores, cpb, s, window_tc)
+        work = s * (_WORKSPACE_TC * T * c + _WORKSPACE_SCORES * S_alive)
+        if i in ckpt:
+            saved, work = s * T * c, work + full  # keeps the block input; recomputes the rest in backward
+        else:
+            saved = full
+        max_scores = max(max_scores, s * S_alive)
+        for _ in range(depth):
+            per_block.append((i, saved, work, s * S_alive, block_params[i]))
+        acts = depth * saved
+        if i < n_stages - 1:  # patch merging keeps its 4C input and its LayerNorm's 2C input
+            h2, w2 = math.ceil(h / 2), math.ceil(w / 2)
+            acts += s * (B * h2 * w2 * 4 * c + B * h2 * w2 * 2 * c)
+            h, w = h2, w2
+        stage_acts.append(acts)
+    activations = embed + sum(stage_acts)
+
+    grads = P
+    states = OPTIMIZER_STATES[optimizer] * P
+    autocast_w = n_params * s if s == 2 else 0  # low-precision weight copies, kept for backward
+    P_dev, G_dev = P // fsdp_world_size, grads // fsdp_world_size
+    O_dev = states // (zero_world_size * fsdp_world_size)
+    gathered = 0
+    if fsdp_world_size > 1:  # one unit's full weights and gradients at a time
+        gathered = 2 * max(block_params)
+    A_dev_ac = autocast_w // fsdp_world_size
+
+    # Backward walks blocks from the last to the first: block k's saved tensors are still alive
+    # with those of every earlier block, and gradients exist for every later block.
+    fixed = P_dev + O_dev + A_dev_ac + gathered + int(RUNTIME_MB[dtype] * MiB)
+    prefix = embed
+    acts_before = []
+    for _, saved, *_ in per_block:
+        acts_before.append(prefix)
+        prefix += saved
+    peak, at = 0, None
+    grads_after = 0
+    merged = sum(stage_acts) + embed - sum(b[1] for b in per_block)  # merging layers, embedding
+    for k in range(len(per_block) - 1, -1, -1):
+        stage, saved, work, scores, gparams = per_block[k]
+        alive = fixed + acts_before[k] + saved + merged + work + grads_after // fsdp_world_size
+        if alive > peak:
+            peak, at = alive, (k, acts_before[k] + saved + merged, work, grads_after // fsdp_world_size)
+        grads_after += 4 * gparams
+    end = fixed + G_dev  # after backward: every gradient
+    if end > peak:
+        peak, at = end, (None, 0, 0, G_dev)
+    _, acts_at, work_at, grads_at = at
+    breakdown = {
+        f"weights (fp32{', 1/' + str(fsdp_world_size) if fsdp_world_size > 1 else ''})": P_dev,
+        "gradients alive at the peak": grads_at,
+        f"optimizer states ({optimizer}{', sharded' if O_dev != states else ''})": O_dev,
+        "autocast weight copies": A_dev_ac,
+        "activations kept for backward": acts_at,
+        "backward workspace (one block)": work_at,
+        "FSDP gathered unit": gathered,
+        "torch runtime (calibrated)": int(RUNTIME_MB[dtype] * MiB),
+    }
+    return MemoryEstimate(
+        params=P_dev, grads=G_dev, optimizer_states=O_dev, autocast_weights=A_dev_ac, activations=activations,
+        activations_per_stage=stage_acts, attention_scores=max_scores, workspace=max(b[2] for b in per_block),
+        runtime=int(RUNTIME_MB[dtype] * MiB), peak=int(peak), breakdown=breakdown, num_params=n_params,
+        case=dict(img_size=list(_pair(config["img_size"])), window=config["window_size"], batch_size=B, dtype=dtype,
+                  grad_checkpointing=sorted(ckpt), sequential_attention={k: v for k, v in seq.items()},
+                  optimizer=optimizer, zero_world_size=zero_world_size, fsdp_world_size=fsdp_world_size),
+    )
+
+
+def block_saved_bytes(T: int, Tp: int, C: int, rows: int, scores: int, cpb: int, s: int, window_tc: int) -> int:
+    """Bytes one block keeps for backward: ``T`` map tokens, ``Tp`` padded-window tokens, ``C``
+    channels, ``rows`` = windows x heads x N query rows, ``scores`` kept score elements,
+    ``cpb`` elements of the position-bias MLP's hidden layer, ``s`` bytes per activation."""
+    stats = 4 * (2 * 2 * T) + s * 4 * rows  # LayerNorm mean/rstd (fp32); q and k norms
+    return s * (_MAP_TC * T * C + window_tc * Tp * C + scores + cpb) + stats
+
+
+def _block_param_bytes(config: dict) -> list[int]:
+    """Parameters of one block of each stage (as a 1-block, 1-stage model's count difference)."""
+    out = []
+    for i in range(len(config["depths"])):
+        one = dict(config, depths=[1 if j == i else 0 for j in range(len(config["depths"]))], extra_norm_period=0)
+        none = dict(one, depths=[0] * len(config["depths"]))
+        out.append(count_params_analytic(one) - count_params_analytic(none))
+    return out
+
+
+# -- measurement ---------------------------------------------------------------------------
+
+
+def measure_training_memory(model_name: str, img_size: int, window: int | None, batch_size: int, dtype: str,
+                            grad_checkpointing=None, sequential_attention=None, steps: int = 3) -> int:
+    """Peak RSS increase (bytes) of AdamW training steps, from before the model is built, in a
+    fresh subprocess (so nothing else in this process counts). The peak is taken over the last
+    step, after optimizer states exist."""
+    args = dict(model_name=model_name, img_size=img_size, window=window, batch_size=batch_size, dtype=dtype,
+                grad_checkpointing=grad_checkpointing, sequential_attention=sequential_attention, steps=steps)
+    code = f"import json; from swinv2.memory import _measure; print(json.dumps(_measure(**{args!r})))"
+    # A fixed mmap threshold makes glibc hand freed large blocks back at once (as in bench.py).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"measurement failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _measure(model_name, img_size, window, batch_size, dtype, grad_checkpointing, sequential_attention, steps):
+    import gc
+    from contextlib import nullcontext
+
+    from .variants import create_model
+
+    kw = dict(drop_path_rate=0.0)
+    if window:
+        kw["window_size"] = window
+    if grad_checkpointing:
+        kw["grad_checkpointing"] = grad_checkpointing
+    if sequential_attention:
+        kw["sequential_attention"] = sequential_attention
+    half = torch.bfloat16 if dtype == "bf16" else torch.float16
+    ctx = (lambda: torch.autocast("cpu", dtype=half)) if dtype != "fp32" else nullcontext
+
+    def step(model, opt, x, y):
+        opt.zero_grad(set_to_none=True)
+        with ctx():
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+
+    # Warm up torch's runtime (library code pages, kernel caches, thread pools: ~180 MiB in
+    # fp32 and ~220 MiB in bf16 on this CPU, the same for any model) with the same network at
+    # a small size, so that the increase measured below is the training step's own memory.
+    small = create_model(model_name, img_size=64, **kw).train()
+    step(small, torch.optim.AdamW(small.parameters(), lr=1e-6), torch.randn(1, 3, 64, 64), torch.zeros(1).long())
+    del small
+    gc.collect()
+    torch.manual_seed(0)
+    x = torch.randn(batch_size, 3, img_size, img_size)
+    y = torch.randint(0, 10, (batch_size,))
+    _trim()
+    base = _rss_kb("VmRSS")
+    model = create_model(model_name, img_size=img_size, **kw).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    for i in range(steps):
+        if i == steps - 1:
+            _trim()
+            with open("/proc/self/clear_refs", "w") as f:  # resets the peak resident set (VmHWM)
+                f.write("5")
+        step(model, opt, x, y)
+    return (_rss_kb("VmHWM") - base) * 1024
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def _stages_arg(values):
+    """[] (flag given alone) -> True (all stages); None -> off; else the list."""
+    if values is None:
+        return False
+    return True if len(values) == 0 else [int(v) for v in values]
+
+
+def cmd_memory(args) -> int:
+    ckpt = _stages_arg(args.checkpointing)
+    seq = _stages_arg(args.sequential)
+    if seq is not False and args.chunk:
+        seq = dict.fromkeys(range(4) if seq is True else seq, args.chunk)
+    est = estimate_training_memory(
+        args.model, img_size=args.img_size, window=args.window, batch_size=args.batch_size, dtype=args.dtype,
+        grad_checkpointing=ckpt, sequential_attention=seq, memory_budget_mb=args.budget_mb,
+        optimizer=args.optimizer, zero_world_size=args.zero, fsdp_world_size=args.fsdp,
+    )
+    print(f"{args.model}: {est.num_params / 1e6:.2f}M parameters, {est.case['img_size'][0]}px, "
+          f"window {est.case['window']}, batch {args.batch_size}, {args.dtype}, "
+          f"checkpointing {ckpt or 'off'}, sequential attention {seq or 'off'}")
+    print(est.table())
+    if args.measure:
+        if args.zero > 1 or args.fsdp > 1:
+            print("--measure runs one process: the measured number is unsharded", file=sys.stderr)
+        measured = measure_training_memory(args.model, args.img_size or est.case["img_size"][0], args.window,
+                                           args.batch_size, args.dtype, ckpt, seq)
+        if args.zero > 1 or args.fsdp > 1:
+            est = estimate_training_memory(args.model, img_size=args.img_size, window=args.window,
+                                           batch_size=args.batch_size, dtype=args.dtype, grad_checkpointing=ckpt,
+                                           sequential_attention=seq, memory_budget_mb=args.budget_mb,
+                                           optimizer=args.optimizer)
+        err = (est.peak - measured) / measured
+        print(f"measured peak RSS increase: {measured / MiB:.1f} MiB; predicted {est.peak / MiB:.1f} MiB "
+              f"({err:+.1%})")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("memory", help="estimate (and optionally measure) training memory")
+    p.add_argument("--model", default="swinv2_tiny_window8_256", metavar="NAME")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--window", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16/fp16: autocast")
+    p.add_argument("--checkpointing", nargs="*", default=None, metavar="STAGE",
+                   help="activation checkpointing (no stages: all)")
+    p.add_argument("--sequential", nargs="*", default=None, metavar="STAGE",
+                   help="sequential attention (no stages: all)")
+    p.add_argument("--chunk", type=int, default=None, help="windows per sequential chunk (default: from budget)")
+    p.add_argument("--budget-mb", type=float, default=None, help="sequential attention score budget (MiB)")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATES), default="adamw")
+    p.add_argument("--zero", type=int, default=1, help="ZeRO-1 world size (shards optimizer states)")
+    p.add_argument("--fsdp", type=int, default=1, help="FSDP world size (shards weights, grads, states)")
+    p.add_argument("--measure", action="store_true", help="also run real training steps and measure peak RSS")
+    p.set_defaults(func=cmd_memory)
