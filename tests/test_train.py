@@ -225,3 +225,31 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     state = torch.load(Path(cfg.output) / "checkpoint-last.pt", weights_only=True)
     assert state["run"]["step"] == 4  # saved at update 4; update 6 hit the NaN and nothing was saved after
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("sharding", ["zero1", "fsdp"])
+def test_sharded_runs_equal_one_process_and_resume_from_full_state(tmp_path, sharding):
+    """ZeRO-1 (optimizer states sharded) and FSDP2 (everything sharded) over 2 gloo processes
+    give the single-process losses; their checkpoints hold full state dicts, so a sharded run
+    stopped after 2 updates and resumed ends where the uninterrupted single process does."""
+    common = {**FAST, "mixup": 0.0, "cutmix": 0.0, "epochs": 1}
+    single = tmp_path / "single"
+    subprocess.run(_cli("train", *_flags({**common, "batch_size": 8, "max_steps": 3}), "--output", str(single)),
+                   env=ENV, check=True, capture_output=True)
+    run = tmp_path / sharding
+    port = {"zero1": "29741", "fsdp": "29742"}[sharding]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
+              "-m", "swinv2", "train"]
+    first = subprocess.run([*launch, *_flags({**common, "batch_size": 4, "max_steps": 2}), "--sharding", sharding,
+                            "--output", str(run)], env=ENV, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = torch.load(run / "checkpoint-last.pt", weights_only=True)
+    assert state["run"]["step"] == 2 and state["optimizer"]["state"], "a full optimizer state was saved"
+    again = subprocess.run([*launch, "--output", str(run), "--resume", "--max-steps", "3"], env=ENV,
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(_losses(run)), torch.tensor(_losses(single)), rtol=1e-5, atol=0)
+    a = swinv2.create_model(pretrained=str(single / "checkpoint-last.pt"))
+    b = swinv2.create_model(pretrained=str(run / "checkpoint-last.pt"))
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(v, w, rtol=1e-4, atol=1e-6, msg=k)

@@ -105,7 +105,11 @@ def model_saver(cfg: TrainConfig, class_names: list[str] | None):
     """Writes ``model-*.safetensors`` files that ``create_model(pretrained=...)`` and
     ``swinv2 predict`` read alone: weights, architecture, class names and eval crop policy."""
 
-    def save(model: nn.Module, path: str, info: dict) -> None:
+    def save(state: dict, path: str, info: dict) -> None:
+        from ..model import SwinTransformerV2
+
+        model = SwinTransformerV2(**state["model_config"])
+        model.load_state_dict(state["model"])
         meta = {
             "class_names": json.dumps(class_names) if class_names else "",
             "preprocess": json.dumps(dict(img_size=cfg.img_size or model.img_size[0], crop_pct=cfg.crop_pct,

@@ -19,10 +19,9 @@ from ..train.config import TrainConfig
 from ..train.distributed import Dist, all_reduce_sum, setup, teardown, unwrap, wrap_model
 from ..train.engine import Loop, NonFiniteLossError, Trainer, autocast
 from ..train.logging import RunLogger
-from ..train.optim import build_optimizer
 from ..variants import create_model
 from .common import prepare_run, set_threads
-from .supervised import eval_loader, load_datasets
+from .supervised import eval_loader, load_datasets, make_optimizer
 
 PICTURE_IMAGES = 8
 
@@ -69,7 +68,7 @@ def _run(cfg: TrainConfig, env: Dist) -> int:
     wrapped = wrap_model(model, env, cfg.sharding)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = make_optimizer(wrapped, model, cfg)
 
     tf = simmim_transform(img)
     loader = L.build_loader(L.TransformedDataset(train, tf, seed=cfg.seed), batch_size=cfg.batch_size, train=True,

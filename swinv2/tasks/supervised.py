@@ -192,7 +192,7 @@ def _run(cfg: TrainConfig, env: Dist) -> int:
     wrapped = wrap_model(model, env, cfg.sharding)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
-    optimizer = _optimizer(wrapped, model, cfg)
+    optimizer = make_optimizer(wrapped, model, cfg)
     loop = make_loop(cfg, env, train, val, classes, model.img_size[0])
     logger = RunLogger(cfg.output, enabled=env.main, tensorboard=cfg.tensorboard,
                        resume_step=state["run"]["step"] if state else None)
@@ -223,18 +223,21 @@ def _run(cfg: TrainConfig, env: Dist) -> int:
     return 0
 
 
-def _optimizer(wrapped: nn.Module, model: nn.Module, cfg: TrainConfig):
+def make_optimizer(wrapped: nn.Module, model: nn.Module, cfg: TrainConfig):
+    """AdamW with the official groups; ZeRO-1 (sharded states) under ``--sharding zero1``."""
     if cfg.sharding == "zero1" and torch.distributed.is_initialized():
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         from ..train.optim import param_groups
 
         groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
-        first, rest = groups[0], groups[1:]
         for g in groups:
             g.pop("names")
-        opt = ZeroRedundancyOptimizer(first.pop("params"), optimizer_class=torch.optim.AdamW, lr=cfg.lr,
-                                      betas=cfg.betas, eps=cfg.eps, **{k: v for k, v in first.items()})
+        first, rest = groups[0], groups[1:]
+        # Each process keeps the AdamW states of its shard of the parameters only (ZeRO-1).
+        opt = ZeroRedundancyOptimizer(first["params"], optimizer_class=torch.optim.AdamW, lr=cfg.lr,
+                                      betas=cfg.betas, eps=cfg.eps, weight_decay=first["weight_decay"])
+        opt.param_groups[0].update({k: v for k, v in first.items() if k != "params"})
         for g in rest:
             opt.add_param_group(g)
         return opt

@@ -18,7 +18,7 @@ from pathlib import Path
 
 AMP_MODES = ("bf16", "fp16", "none")
 SCHEDULERS = ("cosine", "multistep", "constant")
-SHARDING = ("none", "zero1", "fsdp", "deepspeed")
+SHARDING = ("none", "zero1", "fsdp")
 TASKS = ("train", "finetune", "pretrain")
 
 
@@ -95,8 +95,7 @@ class TrainConfig:
     max_steps: int | None = _f(None, "stop after this many updates (for smoke tests and debugging)")
     tensorboard: bool = _f(True, "write TensorBoard logs")
     progress: bool = _f(True, "show progress bars")
-    sharding: str = _f("none", "zero1 (optimizer states), fsdp (everything) or deepspeed, across processes")
-    deepspeed_config: str | None = _f(None, "DeepSpeed JSON config (with --sharding deepspeed)")
+    sharding: str = _f("none", "across torchrun processes: zero1 (optimizer states) or fsdp (everything)")
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -121,7 +120,6 @@ class TrainConfig:
             (self.workers >= 0, "workers must be >= 0"),
             (self.clip_grad is None or self.clip_grad > 0, "clip_grad must be > 0 (or None)"),
             (self.task != "finetune" or self.checkpoint, "finetune needs --checkpoint"),
-            (self.sharding != "deepspeed" or self.deepspeed_config, "--sharding deepspeed needs --deepspeed-config"),
         ]
         for ok, message in checks:
             if not ok:

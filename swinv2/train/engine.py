@@ -83,7 +83,7 @@ class Loop:
     select: tuple[str, bool] = ("top1", True)
     extra_state: Callable[[], dict] = dict  # stored in checkpoints (e.g. class names)
     on_epoch_end: Callable[[nn.Module, int], None] | None = None  # e.g. reconstruction pictures
-    save_model: Callable[[nn.Module, str, dict], None] | None = None  # write model-*.safetensors
+    save_model: Callable[[dict, str, dict], None] | None = None  # (checkpoint state, path, info): model-*.safetensors
 
 
 class Trainer:
@@ -135,10 +135,11 @@ class Trainer:
         self.state = RunState(**state["run"])
         ckpt.set_rng_state(state["rng"])
 
-    def save(self, name: str) -> None:
+    def save(self, name: str) -> dict:
         state = self.state_dict()  # collective under sharding: every process takes part
         if self.env.main:
             ckpt.save_checkpoint(state, f"{self.cfg.output}/{name}")
+        return state
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -266,12 +267,13 @@ class Trainer:
             improved = st.best is None or (value > st.best if larger else value < st.best)
             if improved:
                 st.best, st.best_epoch = value, epoch + 1
-        self.save(ckpt.LAST)
+        state = self.save(ckpt.LAST)
         if self.env.main and self.loop.save_model is not None:
+            # From the gathered full state: under FSDP the live model holds only shards.
             info = dict(epoch=epoch + 1, step=st.step, **metrics)
-            self.loop.save_model(unwrap(self.model), f"{cfg.output}/model-last.safetensors", info)
+            self.loop.save_model(state, f"{cfg.output}/model-last.safetensors", info)
             if improved:
-                self.loop.save_model(unwrap(self.model), f"{cfg.output}/model-best.safetensors", info)
+                self.loop.save_model(state, f"{cfg.output}/model-best.safetensors", info)
         if improved and self.env.main:
             import shutil
 
