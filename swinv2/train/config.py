@@ -225,7 +225,9 @@ def config_from_args(args: argparse.Namespace, **fixed) -> TrainConfig:
         if hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
     task = fixed.get("task")
-    if task and values.get("task", task) != task:
+    recipe_task = values.get("task", task)
+    # A supervised recipe also serves fine-tuning; SimMIM and supervised recipes do not mix.
+    if task and recipe_task != task and not (recipe_task == "train" and task == "finetune"):
         raise ValueError(
             f"{args.config} is a {values['task']} recipe: run it with `swinv2 {values['task']} --config {args.config}`"
         )
