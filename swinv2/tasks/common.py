@@ -68,6 +68,51 @@ def prepare_run(cfg: TrainConfig, env: Dist) -> tuple[TrainConfig, dict | None]:
     return cfg, state
 
 
+def model_overrides(cfg: TrainConfig, **fixed) -> dict:
+    """Constructor overrides a run config asks for (size, window, stochastic depth, memory)."""
+    out = dict(fixed)
+    if cfg.img_size:
+        out["img_size"] = cfg.img_size
+    if cfg.window:
+        out["window_size"] = cfg.window
+    if cfg.drop_path is not None:
+        out["drop_path_rate"] = cfg.drop_path
+    if cfg.sequential_attention:
+        out["sequential_attention"] = list(cfg.sequential_attention)
+    return out
+
+
+def run_loop(cfg: TrainConfig, env: Dist, wrapped: nn.Module, optimizer, loop, state: dict | None,
+             intro: str, summary, ema=None) -> int:
+    """Logger, trainer, resume, the loop, the summary. ``summary(final_state) -> dict``.
+    Returns the exit code: 0, or 3 when the loss became non-finite."""
+    from ..train.engine import NonFiniteLossError, Trainer
+    from ..train.logging import RunLogger
+
+    logger = RunLogger(cfg.output, enabled=env.main, tensorboard=cfg.tensorboard,
+                       resume_step=state["run"]["step"] if state else None)
+    trainer = Trainer(cfg, env, wrapped, optimizer, loop, logger, ema=ema)
+    if state is not None:
+        trainer.load_state_dict(state)
+        if env.main:
+            print(f"resumed {cfg.output} at update {trainer.state.step} (epoch {trainer.state.epoch + 1})")
+    elif env.main:
+        batch = cfg.batch_size * cfg.accum_steps * env.world_size
+        print(f"{intro}; {trainer.total_steps} updates of {batch} images; device {env.device}, "
+              f"{env.world_size} process(es); run folder {cfg.output}")
+    try:
+        final = trainer.fit()
+    except NonFiniteLossError as err:
+        if env.main:
+            print(f"swinv2: error: {err}")
+        logger.close()
+        return 3
+    if env.main:
+        print(logger.summary(**summary(final)))
+    logger.close()
+    return 0
+
+
 def set_threads(cfg: TrainConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

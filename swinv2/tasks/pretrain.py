@@ -17,25 +17,16 @@ from ..reconstruct import save_reconstruction_grid
 from ..simmim import MaskGenerator, SimMIM
 from ..train.config import TrainConfig
 from ..train.distributed import Dist, all_reduce_sum, setup, teardown, unwrap, wrap_model
-from ..train.engine import Loop, NonFiniteLossError, Trainer, autocast
-from ..train.logging import RunLogger
+from ..train.engine import Loop, autocast
 from ..variants import create_model
-from .common import prepare_run, set_threads
+from .common import model_overrides, prepare_run, run_loop, set_threads
 from .supervised import eval_loader, load_datasets, make_optimizer
 
 PICTURE_IMAGES = 8
 
 
 def build_simmim(cfg: TrainConfig) -> SimMIM:
-    overrides = dict(num_classes=0)  # the encoder has no head (official: asserted)
-    if cfg.img_size:
-        overrides["img_size"] = cfg.img_size
-    if cfg.window:
-        overrides["window_size"] = cfg.window
-    if cfg.drop_path is not None:
-        overrides["drop_path_rate"] = cfg.drop_path
-    if cfg.sequential_attention:
-        overrides["sequential_attention"] = list(cfg.sequential_attention)
+    overrides = model_overrides(cfg, num_classes=0)  # the encoder has no head (official: asserted)
     encoder = create_model(cfg.model, **overrides)
     if cfg.grad_checkpointing:
         encoder.set_grad_checkpointing(True)
@@ -120,29 +111,10 @@ def _run(cfg: TrainConfig, env: Dist) -> int:
 
     loop = Loop(objective=objective, loader_for=loader_for, batches_per_epoch=len(loader), evaluate=evaluate,
                 select=("loss", False), on_epoch_end=pictures)
-    logger = RunLogger(cfg.output, enabled=env.main, tensorboard=cfg.tensorboard,
-                       resume_step=state["run"]["step"] if state else None)
-    trainer = Trainer(cfg, env, wrapped, optimizer, loop, logger)
-    if state is not None:
-        trainer.load_state_dict(state)
-        if env.main:
-            print(f"resumed {cfg.output} at update {trainer.state.step}")
-    elif env.main:
-        n = sum(p.numel() for p in encoder.parameters())
-        print(f"SimMIM pre-training {cfg.model} ({n / 1e6:.2f}M encoder parameters) on {len(train)} images at "
-              f"{img}px, mask {cfg.mask_ratio:.0%} of {cfg.mask_patch}px patches; {trainer.total_steps} updates; "
-              f"run folder {cfg.output}")
-    try:
-        final = trainer.fit()
-    except NonFiniteLossError as err:
-        if env.main:
-            print(f"swinv2: error: {err}")
-        logger.close()
-        return 3
-    if env.main:
-        print(logger.summary(task="pretrain", model=cfg.model, updates=final.step, best_val_loss=final.best,
-                             best_epoch=final.best_epoch, output=cfg.output,
-                             finetune=f"swinv2 finetune --checkpoint {cfg.output}/checkpoint-last.pt "
-                                   f"--model {cfg.model}"))
-    logger.close()
-    return 0
+    n = sum(p.numel() for p in encoder.parameters())
+    intro = (f"SimMIM pre-training {cfg.model} ({n / 1e6:.2f}M encoder parameters) on {len(train)} images at "
+             f"{img}px, mask {cfg.mask_ratio:.0%} of {cfg.mask_patch}px patches")
+    return run_loop(cfg, env, wrapped, optimizer, loop, state, intro, summary=lambda final: dict(
+        task="pretrain", model=cfg.model, updates=final.step, best_val_loss=final.best, best_epoch=final.best_epoch,
+        output=cfg.output,
+        finetune=f"swinv2 finetune --checkpoint {cfg.output}/checkpoint-last.pt --model {cfg.model}"))

@@ -21,11 +21,10 @@ from ..loading import CheckpointError, load_pretrained, read_state_dict
 from ..train import checkpoint as ckpt
 from ..train.config import TrainConfig
 from ..train.distributed import Dist, setup, teardown, unwrap, wrap_model
-from ..train.engine import Loop, NonFiniteLossError, Trainer
-from ..train.logging import RunLogger
+from ..train.engine import Loop
 from ..train.optim import build_optimizer
 from ..variants import create_model, get_variant
-from .common import evaluate_classifier, model_saver, prepare_run, set_threads
+from .common import evaluate_classifier, model_overrides, model_saver, prepare_run, run_loop, set_threads
 
 
 def load_datasets(cfg: TrainConfig):
@@ -50,15 +49,7 @@ def load_datasets(cfg: TrainConfig):
 
 def build_classifier(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, str | None]:
     """The model to train, and for ``finetune`` the load report of its starting weights."""
-    overrides = dict(num_classes=num_classes)
-    if cfg.img_size:
-        overrides["img_size"] = cfg.img_size
-    if cfg.window:
-        overrides["window_size"] = cfg.window
-    if cfg.drop_path is not None:
-        overrides["drop_path_rate"] = cfg.drop_path
-    if cfg.sequential_attention:
-        overrides["sequential_attention"] = list(cfg.sequential_attention)
+    overrides = model_overrides(cfg, num_classes=num_classes)
     report = None
     if cfg.task == "finetune":
         windows = cfg.pretrained_windows or checkpoint_windows(cfg.checkpoint)
@@ -194,33 +185,13 @@ def _run(cfg: TrainConfig, env: Dist) -> int:
         wrapped = torch.compile(wrapped)
     optimizer = make_optimizer(wrapped, model, cfg)
     loop = make_loop(cfg, env, train, val, classes, model.img_size[0])
-    logger = RunLogger(cfg.output, enabled=env.main, tensorboard=cfg.tensorboard,
-                       resume_step=state["run"]["step"] if state else None)
-    trainer = Trainer(cfg, env, wrapped, optimizer, loop, logger, ema=ema)
-    if state is not None:
-        trainer.load_state_dict(state)
-        if env.main:
-            print(f"resumed {cfg.output} at update {trainer.state.step} (epoch {trainer.state.epoch + 1})")
-    elif env.main:
-        n = sum(p.numel() for p in model.parameters())
-        batch = cfg.batch_size * cfg.accum_steps * env.world_size
-        print(f"{cfg.task} {cfg.model} ({n / 1e6:.2f}M parameters) on {len(train)} images, {len(classes)} classes, "
-              f"validating on {len(val)}; {trainer.total_steps} updates of {batch} "
-              f"images; device {env.device}, {env.world_size} process(es); run folder {cfg.output}")
-    try:
-        final = trainer.fit()
-    except NonFiniteLossError as err:
-        if env.main:
-            print(f"swinv2: error: {err}")
-        logger.close()
-        return 3
-    summary = dict(task=cfg.task, model=cfg.model, updates=final.step, best_top1=final.best,
-                   best_epoch=final.best_epoch, skipped_images=final.skipped_images,
-                   last=final.history[-1] if final.history else None, output=cfg.output)
-    if env.main:
-        print(logger.summary(**summary))
-    logger.close()
-    return 0
+    n = sum(p.numel() for p in model.parameters())
+    intro = (f"{cfg.task} {cfg.model} ({n / 1e6:.2f}M parameters) on {len(train)} images, {len(classes)} classes, "
+             f"validating on {len(val)}")
+    return run_loop(cfg, env, wrapped, optimizer, loop, state, intro, ema=ema, summary=lambda final: dict(
+        task=cfg.task, model=cfg.model, updates=final.step, best_top1=final.best, best_epoch=final.best_epoch,
+        skipped_images=final.skipped_images, last=final.history[-1] if final.history else None,
+        output=cfg.output))
 
 
 def make_optimizer(wrapped: nn.Module, model: nn.Module, cfg: TrainConfig):
