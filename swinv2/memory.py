@@ -215,7 +215,7 @@ def estimate_training_memory(
     # Embedding: the conv keeps the image (as a 2-byte copy under autocast), the LayerNorm its input.
     embed = B * config.get("in_chans", 3) * ih * iw * s + B * h * w * C0 * s
     per_block: list[tuple[int, int, int, int, int]] = []  # (stage, saved, workspace, scores alive, grads)
-    stage_acts, max_scores = [], 0
+    stage_acts, max_scores, masks = [], 0, 0
     depths, heads = config["depths"], config["num_heads"]
     block_params = _block_param_bytes(config)
     for i, (depth, nH) in enumerate(zip(depths, heads)):
@@ -236,7 +236,17 @@ def estimate_training_memory(
         cpb = (2 * wh - 1) * (2 * ww - 1) * config.get("cpb_hidden_dim", 512)
         rows = n_windows * nH * N if window_tc == _WINDOW_TC else 0  # q, k norms: recomputed in chunks
         full = block_saved_bytes(T, Tp, c, rows, saved_scores, cpb, s, window_tc)
-        work = s * (_WORKSPACE_TC * T * c + _WORKSPACE_SCORES * S_alive)
+        # Cached fp32 masks of the stage (shifted blocks; with padding, unshifted ones too), one
+        # window's rows per window of an image: large for big windows (1536 px, w32: 576 MiB).
+        per_image = Hp * Wp // N
+        shifted = (h > wh or w > ww) and depth > 1
+        padded = (Hp, Wp) != (h, w)
+        masks += 4 * per_image * N * N * (int(shifted or padded) + int(padded))
+        # a block's backward: its gradient tensors, the score gradients and, with a mask, the
+        # bias + mask term of the kernel (images share it: rows of one image, or of a chunk)
+        bias_rows = min(chunk, per_image) if i in seq else per_image
+        work = s * (_WORKSPACE_TC * T * c + _WORKSPACE_SCORES * S_alive
+                    + (bias_rows * nH * N * N if (shifted or padded) else 0))
         if i in ckpt:
             saved, work = s * T * c, work + full  # keeps the block input; recomputes the rest in backward
         else:
@@ -264,7 +274,7 @@ def estimate_training_memory(
 
     # Backward walks blocks from the last to the first: block k's saved tensors are still alive
     # with those of every earlier block, and gradients exist for every later block.
-    fixed = P_dev + O_dev + A_dev_ac + gathered + int(RUNTIME_MB[dtype] * MiB)
+    fixed = P_dev + O_dev + A_dev_ac + gathered + masks + int(RUNTIME_MB[dtype] * MiB)
     prefix = embed
     acts_before = []
     for _, saved, *_ in per_block:
@@ -291,6 +301,7 @@ def estimate_training_memory(
         "activations kept for backward": acts_at,
         "backward workspace (one block)": work_at,
         "FSDP gathered unit": gathered,
+        "attention masks (cached, fp32)": masks,
         "torch runtime (calibrated)": int(RUNTIME_MB[dtype] * MiB),
     }
     return MemoryEstimate(
