@@ -402,13 +402,17 @@ def test_cpu_half_precision_kernel_equals_reference(switch, monkeypatch):
     out, grad = run(True)
     assert rel_err(out, truth) < 1e-12 and rel_err(grad, truth_grad) < 1e-10
     assert len(calls) == 8  # every block took the matmul kernel
-    model.float().eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        fused16 = model(x.float())
+    model.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused16 = model(x.float()).detach()
         model.set_fused_attn(False)
-        eager16 = model(x.float())
+        eager16 = model(x.float()).detach()
+        with torch.no_grad():
+            model.set_fused_attn(True)
+            sdpa16 = model(x.float())  # without gradients the fused path stays on SDPA
     assert len(calls) == 16
     assert rel_err(fused16, truth) < 1.5 * rel_err(eager16, truth)
+    assert rel_err(sdpa16, truth) < 1.5 * rel_err(eager16, truth)
 
 
 def test_fused_attention_gradients_equal_reference():
