@@ -17,6 +17,11 @@ def debug_model(seed=0, **kw):
     return randomize_(swinv2.create_model(DEBUG, drop_path_rate=0.0, **kw), seed)
 
 
+def _randn(*shape, dtype=torch.float32, seed=0):
+    """Inputs that do not depend on which tests ran before (tolerances are checked on them)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
 # -- variants ----------------------------------------------------------------------------
 
 # Paper (Table 1 / §3.6) and official README figures: params (M), GFLOPs at the variant's size.
@@ -385,7 +390,7 @@ def test_cpu_half_precision_kernel_equals_reference(switch, monkeypatch):
     from swinv2 import layers
 
     model = debug_model(seed=7, **switch).double().train()
-    x = torch.randn(2, 3, 36, 52, dtype=torch.float64)  # padded, shifted and global windows
+    x = _randn(2, 3, 36, 52, dtype=torch.float64)  # padded, shifted and global windows
     calls = []
     kernel = layers._matmul_attention
     monkeypatch.setattr(layers, "_matmul_attention", lambda *a: calls.append(1) or kernel(*a))
@@ -492,7 +497,7 @@ def _train_step(model, x):
 
 @pytest.mark.parametrize("stages", [None, [0, 2]], ids=["all", "stages0,2"])
 def test_gradient_checkpointing_is_exact_in_float64(stages):
-    x = torch.randn(2, 3, 36, 52, dtype=torch.float64)  # padded, shifted and global windows
+    x = _randn(2, 3, 36, 52, dtype=torch.float64)  # padded, shifted and global windows
     model = debug_model(seed=11).double().train()
     out0, grad0, xgrad0 = _train_step(model, x)
     model.set_grad_checkpointing(True, stages=stages)
@@ -531,7 +536,7 @@ def test_sequential_attention_equals_batched_float64(chunk, fused, monkeypatch):
     """Chunks that split an image's windows (mask rows sliced or gathered across images),
     whole images (12 = the 3x4 windows of the 9x13 stage-0 map) and more: outputs, every
     parameter's gradient and the input gradient equal the batched computation."""
-    x = torch.randn(2, 3, 36, 52, dtype=torch.float64)  # 9x13 map: padded to 12x16, shifted
+    x = _randn(2, 3, 36, 52, dtype=torch.float64)  # 9x13 map: padded to 12x16, shifted
     model = debug_model(seed=12).double().train()
     model.set_fused_attn(fused)
     out0, grad0, xgrad0 = _train_step(model, x)
@@ -539,7 +544,9 @@ def test_sequential_attention_equals_batched_float64(chunk, fused, monkeypatch):
     sizes = _count_attention_calls(monkeypatch)
     out1, grad1, xgrad1 = _train_step(model, x)
     assert rel_err(out1, out0) < 1e-12
-    assert rel_err(grad1, grad0) < 1e-12 and rel_err(xgrad1, xgrad0) < 1e-12
+    # gradients pass through scores scaled by up to 100, so float64 rounding of differently
+    # blocked matmuls shows at ~1e-12 here; a wrong chunk or mask row is off by > 1e-3
+    assert rel_err(grad1, grad0) < 1e-10 and rel_err(xgrad1, xgrad0) < 1e-10
     # stage 0 has 2 images x 12 windows, stage 1 2 x 4: each is attended in chunks, and with
     # gradients every chunk is run again in backward (recomputed, not kept)
     # (a chunk of all the windows or more is one batched call, not recomputed)
@@ -551,7 +558,7 @@ def test_sequential_attention_equals_batched_float64(chunk, fused, monkeypatch):
 
 
 def test_sequential_attention_float32_and_eval(monkeypatch):
-    x = torch.randn(3, 3, 40, 56)
+    x = _randn(3, 3, 40, 56)
     model = debug_model(seed=13).train()
     out0, grad0, xgrad0 = _train_step(model, x)
     model.set_sequential_attention(chunk_windows=7)
@@ -580,7 +587,7 @@ def test_sequential_attention_chunks_from_memory_budget(monkeypatch):
     model.set_sequential_attention([0], memory_budget_mb=4 * per_window * 7 / 2**20)  # 7 windows' worth
     sizes = _count_attention_calls(monkeypatch)
     with torch.no_grad():
-        model.eval()(torch.randn(2, 3, 64, 64))  # stage 0: 2 x 16 windows
+        model.eval()(_randn(2, 3, 64, 64))  # stage 0: 2 x 16 windows
     assert sizes[:3] == [7, 7, 7] and sum(sizes[:5]) == 32
 
 
@@ -609,20 +616,20 @@ def test_sequential_attention_options_and_config():
 
 
 def test_sequential_attention_with_checkpointing_is_exact():
-    x = torch.randn(2, 3, 36, 52, dtype=torch.float64)
+    x = _randn(2, 3, 36, 52, dtype=torch.float64)
     model = debug_model(seed=14).double().train()
     out0, grad0, _ = _train_step(model, x)
     model.set_grad_checkpointing(True)
     model.set_sequential_attention(chunk_windows=5)
     out1, grad1, _ = _train_step(model, x)
-    assert rel_err(out1, out0) < 1e-12 and rel_err(grad1, grad0) < 1e-12
+    assert rel_err(out1, out0) < 1e-12 and rel_err(grad1, grad0) < 1e-10
 
 
 def test_sequential_attention_compiles_whole():
     model = debug_model(seed=15)
     model.set_sequential_attention([0, 1], chunk_windows=5)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
-    x = torch.randn(2, 3, 36, 52)
+    x = _randn(2, 3, 36, 52)
     with torch.no_grad():
         assert rel_err(compiled.eval()(x), model(x)) < 1e-6
     model.train()
