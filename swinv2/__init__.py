@@ -1,6 +1,7 @@
 """Swin Transformer V2 in PyTorch: exact to the official numerics, any input size."""
 
-from . import convert, hub
+from . import convert, hf_folder, hub
+from .hf_folder import save_hf_folder
 from .hub import (
     DownloadError,
     PretrainedWeights,
@@ -29,10 +30,12 @@ __all__ = [
     "create_model",
     "download",
     "get_pretrained",
+    "hf_folder",
     "hub",
     "list_models",
     "list_pretrained",
     "load_model",
     "load_pretrained",
+    "save_hf_folder",
     "save_pretrained",
 ]

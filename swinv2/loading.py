@@ -95,8 +95,13 @@ def _name_list(title: str, names: list[str], limit: int = 20) -> list[str]:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file (safetensors, or a torch pickle read with weights_only)."""
+    """Tensors of a checkpoint file (safetensors, or a torch pickle read with weights_only), or
+    of a Hugging Face model folder (see :mod:`swinv2.hf_folder`)."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        from .hf_folder import read_hf_weights  # imported here: hf_folder uses this module
+
+        return read_hf_weights(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
@@ -140,8 +145,8 @@ def load_pretrained(
     head: str = "keep",
     head_map: Sequence[int] | torch.Tensor | str | os.PathLike | None = None,
 ) -> LoadReport:
-    """Load a state dict (a file, or a mapping; bare or wrapped in {'model': ...}) into ``model``
-    and return a :class:`LoadReport`.
+    """Load a state dict (a file, a Hugging Face model folder, or a mapping; bare or wrapped in
+    {'model': ...}) into ``model`` and return a :class:`LoadReport`.
 
     The layout is detected (or given as ``fmt``: official, simmim, swinv2, timm, hf, torchvision,
     mmpretrain) and converted to the official one by :mod:`swinv2.convert`; the report names
@@ -185,6 +190,10 @@ def load_pretrained(
         raise UnknownFormatError(f"{name}: {err}") from None
     state, notes = to_official(state, report_format)
     report = LoadReport(source=name, format=report_format, notes=list(notes))
+    if not isinstance(source, Mapping) and os.path.isdir(name):
+        from .hf_folder import config_differences, read_hf_config
+
+        report.notes += config_differences(model, read_hf_config(name))
     report.discarded += getattr(notes, "dropped", [])
     for key in list(state):
         if key.rsplit(".", 1)[-1] in DERIVED_BUFFERS:

@@ -126,8 +126,9 @@ def create_model(
 
     - ``True``: the registered weights of ``name`` (``arch.tag``, or ``arch`` for its default
       tag; see :func:`swinv2.hub.list_pretrained`), downloaded into the cache on first use;
-    - a file written by :func:`swinv2.hub.save_pretrained`: the model is rebuilt from the
-      file's own config (``name`` may then be None; overrides still apply);
+    - a file written by :func:`swinv2.hub.save_pretrained`, or a Hugging Face transformers
+      folder (``config.json`` + weights, see :mod:`swinv2.hf_folder`): the model is rebuilt from
+      its own config (``name`` may then be None; overrides still apply);
     - any other checkpoint path, an ``http(s)://`` URL, or a state dict: loaded into the named
       architecture (see :func:`load_pretrained`).
 
@@ -140,25 +141,33 @@ def create_model(
         pretrained = hub.download(pretrained)
     if isinstance(pretrained, (str, os.PathLike)) and _is_training_checkpoint(pretrained):
         return _from_training_checkpoint(pretrained, device, overrides)
-    if isinstance(pretrained, (str, os.PathLike)) and hub.is_swinv2_file(pretrained):
+    if isinstance(pretrained, (str, os.PathLike)) and os.path.isdir(pretrained):
+        from .hf_folder import load_hf_folder
+
+        model = load_hf_folder(pretrained, device=device, **overrides)
+    elif isinstance(pretrained, (str, os.PathLike)) and hub.is_swinv2_file(pretrained):
         model = hub.load_model(pretrained, device=device, **overrides)
+    else:
+        model = None
+    if model is not None:
         if variant is not None and _structure(model.config) != _structure(variant.kwargs()):
             warnings.warn(
                 f"{os.fspath(pretrained)} holds a model of another structure than {name!r}; "
-                "it was built from the file's own config",
+                "it was built from its own config",
                 stacklevel=2,
             )
         return model
     if variant is None:
         if isinstance(pretrained, (str, os.PathLike)):
             raise ValueError(
-                f"{os.fspath(pretrained)} is not a file written by swinv2.hub.save_pretrained, so it does not "
-                "say which architecture it is: create_model needs a model name to load it into "
+                f"{os.fspath(pretrained)} is not a file written by swinv2.hub.save_pretrained (nor a Hugging "
+                "Face folder), so it does not say which architecture it is: create_model needs a model name "
+                "to load it into "
                 "(see list_models())"
             )
         raise ValueError(
             "create_model needs a model name (see list_models()), unless pretrained is a file written "
-            "by swinv2.hub.save_pretrained"
+            "by swinv2.hub.save_pretrained or a Hugging Face model folder"
         )
 
     kwargs = variant.kwargs()
