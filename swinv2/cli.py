@@ -117,11 +117,19 @@ def cmd_bench(args) -> int:
 
 def cmd_convert(args) -> int:
     from . import convert, hub
+    from .hf_folder import class_names, load_hf_folder, read_hf_config, save_hf_folder
     from .loading import DERIVED_BUFFERS, read_state_dict
 
-    if hub.is_swinv2_file(args.input):
+    names = None  # class names, carried between swinv2 files and Hugging Face folders
+    if os.path.isdir(args.input):
+        model = load_hf_folder(args.input)
+        state, fmt = model.state_dict(), "hf folder"
+        names = class_names(read_hf_config(args.input))
+    elif hub.is_swinv2_file(args.input):
         model = hub.load_model(args.input)
         state, fmt = model.state_dict(), "swinv2"
+        meta = hub.read_metadata(args.input)
+        names = json.loads(meta["class_names"]) if meta.get("class_names") else None
     else:
         state = read_state_dict(args.input)
         fmt = args.from_format or convert.detect_format(state)
@@ -131,16 +139,23 @@ def cmd_convert(args) -> int:
         state = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in DERIVED_BUFFERS}
         model = None
     print(f"read {args.input}: {fmt} layout, {len(state)} tensors")
-    if args.to == "swinv2":
+    hf_folder = args.to == "hf" and (os.path.isdir(args.output) or not os.path.splitext(args.output)[1])
+    if args.to == "swinv2" or hf_folder:
         if model is None:
             if not args.model:
-                raise ValueError("--to swinv2 needs --model NAME (the architecture the weights belong to)")
+                raise ValueError(f"--to {args.to} {'(a folder) ' if hf_folder else ''}needs --model NAME "
+                                 "(the architecture the weights belong to)")
             num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
             model = create_model(args.model, num_classes=num_classes, **_size_overrides(args))
             from .loading import load_pretrained
 
             load_pretrained(model, state)
-        hub.save_pretrained(model, args.output)
+        if hf_folder:
+            save_hf_folder(model, args.output, class_names=names)
+            print(f"wrote {args.output}: Hugging Face folder (config.json, model.safetensors)")
+            return 0
+        meta = {"class_names": json.dumps(names)} if names else None
+        hub.save_pretrained(model, args.output, metadata=meta)
     else:
         out = convert.from_official(state, args.to)
         if args.output.endswith(".safetensors"):
@@ -196,13 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_forward)
 
     p = sub.add_parser("convert", help="convert a checkpoint between layouts (official, timm, hf, ...)")
-    p.add_argument("input", help="checkpoint in any known layout (detected)")
-    p.add_argument("output", help=".safetensors or .pth")
+    p.add_argument("input", help="checkpoint in any known layout (detected), or a Hugging Face model folder")
+    p.add_argument("output", help=".safetensors or .pth; with --to hf, a folder (a path without an extension, "
+                   "or an existing folder) gets config.json + model.safetensors for from_pretrained")
     p.add_argument("--to", required=True, choices=["swinv2", "official", "timm", "hf", "torchvision", "mmpretrain"])
     p.add_argument("--from", dest="from_format", default=None, help="input layout (default: detect)")
-    p.add_argument("--model", default=None, metavar="NAME", help="architecture, needed for --to swinv2")
-    p.add_argument("--img-size", type=_size, default=None, help="with --to swinv2: the model's image size")
-    p.add_argument("--window", type=int, default=None, help="with --to swinv2: the model's window")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="architecture, needed for --to swinv2 and an hf folder unless the input says it")
+    p.add_argument("--img-size", type=_size, default=None, help="with --model: the model's image size")
+    p.add_argument("--window", type=int, default=None, help="with --model: the model's window")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("pretrained", help="the released weights that create_model(pretrained=True) knows")
