@@ -114,7 +114,8 @@ def load_for_inference(
     - ``model="arch.tag"`` (registered weights): downloaded into the cache, registry preprocessing;
     - ``model="arch"`` alone: random weights (``random_weights=True``: the caller must warn);
     - ``checkpoint``: a swinv2 safetensors file (rebuilt from its metadata), a training
-      checkpoint of ``swinv2 train``, or any checkpoint :func:`load_pretrained` reads, with
+      checkpoint of ``swinv2 train``, a Hugging Face folder (rebuilt from its config.json, class
+      names from its ``id2label``), or any checkpoint :func:`load_pretrained` reads, with
       ``model`` naming the architecture.
     """
     if model is None and checkpoint is None:
@@ -129,6 +130,14 @@ def load_for_inference(
         return LoadedModel(net, Preprocess(net.img_size), None, model, random_weights=True)
 
     path = os.fspath(checkpoint)
+    if os.path.isdir(path):  # a Hugging Face folder: its config.json rebuilds the model and names the classes
+        from .hf_folder import class_names, read_hf_config
+
+        names = class_names(read_hf_config(path))
+        net = create_model(model, pretrained=path)
+        registered = _registered(model, None)
+        pre = _from_registry(registered) if registered is not None else Preprocess(net.img_size)
+        return LoadedModel(net, pre, names, path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     from .variants import _is_training_checkpoint

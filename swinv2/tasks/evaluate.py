@@ -36,6 +36,12 @@ def load_weights(checkpoint: str | None, model: str | None, overrides: dict):
         net = create_model(model, pretrained=True, **overrides)
         pre = Preprocess(weights.img_size, weights.crop_pct, weights.crop_mode, weights.interpolation)
         return net, pre, names
+    if os.path.isdir(checkpoint):  # a Hugging Face folder: config.json rebuilds the model, id2label names
+        from ..hf_folder import class_names, read_hf_config
+
+        names = class_names(read_hf_config(checkpoint))
+        net = create_model(model, pretrained=checkpoint, **overrides)
+        return net, Preprocess(net.img_size[0]), names
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     meta = hub.read_metadata(checkpoint) if not checkpoint.endswith(".pt") else None

@@ -79,9 +79,14 @@ def checkpoint_windows(path: str) -> list[int] | None:
     """The window each stage was trained with, which becomes ``pretrained_window_sizes``
     (official: a model pre-trained at 192 with window 12 is fine-tuned with 12,12,12,6).
 
-    From a swinv2 file's config (its effective per-stage windows), or from the shape of the
+    From a swinv2 file's config (its effective per-stage windows), a Hugging Face folder's
+    config.json (the windows transformers builds from it), or from the shape of the
     coordinate tables that official and timm checkpoints carry ((2w-1) x (2w-1) per stage).
     """
+    if os.path.isdir(path):  # a Hugging Face folder: the windows transformers built from its config.json
+        from ..hf_folder import hf_stage_windows, read_hf_config
+
+        return [w for w, _ in hf_stage_windows(read_hf_config(path))]
     if hub.is_swinv2_file(path):
         model = hub.load_model(path, device="meta")
         return [w[0] for w, _ in model.stage_windows()]
