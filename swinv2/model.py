@@ -557,6 +557,36 @@ class SwinTransformerV2(nn.Module):
         self.config["sequential_attention"] = dict(spec) if spec else False
         self.config["sequential_attention_budget_mb"] = budget_mb if spec else None
 
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Draw every parameter again from the constructor's initial distributions (official
+        init, res-post-norm zeros, PyTorch's default for the patch convolution).
+
+        For a model built on the meta device and materialised with ``to_empty``, e.g. after
+        FSDP's ``fully_shard``, where each process then initialises only its own shards and
+        no process ever holds the whole model. The values are fresh draws, not those of a
+        model constructed with the same seed. Under FSDP on a CPU each process draws its
+        shards from its own generator: seed the processes differently (e.g. seed + rank),
+        or every shard repeats the first.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                module.reset_parameters()
+            elif isinstance(module, WindowAttention):
+                if module.attn_type == "cosine":
+                    module.logit_scale.fill_(float(torch.log(torch.tensor(10.0))))  # as built
+                if module.q_bias is not None:
+                    module.q_bias.zero_()
+                    module.v_bias.zero_()
+                if module.position_bias == "table":
+                    nn.init.trunc_normal_(module.relative_position_bias_table, std=0.02)
+            _init_weights(module)  # Linear and LayerNorm
+        if self.ape:
+            nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
+        for stage in self.layers:
+            for block in stage.blocks:
+                block.init_res_post_norm()
+
     def set_fused_attn(self, enable: bool = True) -> None:
         """Use one fused ``scaled_dot_product_attention`` call per window batch (default), or
         the explicit step-by-step computation of the official code (the reference path)."""
