@@ -24,6 +24,7 @@ from contextlib import nullcontext
 
 import torch
 
+from .train.precision import native_bf16
 from .variants import create_model, get_variant
 
 IMPLS = ("swinv2", "timm", "torchvision", "transformers")
@@ -234,6 +235,9 @@ def environment(device: str = "cpu") -> dict:
         info["cpu"] = platform.processor()
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        info["vector"] = torch.backends.cpu.get_cpu_capability()
+    info["native bf16"] = "yes" if native_bf16(device) else "no (bf16 cases run on a slow generic kernel)"
     for pkg in ("timm", "torchvision", "transformers"):
         try:
             info[pkg] = __import__(pkg).__version__
@@ -248,7 +252,8 @@ def report_markdown(env: dict, command: str, rows: list[dict], rates: dict) -> s
         "",
         f"Command: `{command}`",
         "",
-        "Machine: " + ", ".join(f"{k} {env[k]}" for k in ("cpu", "cpus", "threads", "machine") if k in env)
+        "Machine: " + ", ".join(f"{k} {env[k]}" for k in ("cpu", "cpus", "threads", "machine", "vector", "native bf16")
+                                  if k in env)
         + (f", GPU {env['gpu']}" if "gpu" in env else ""),
         "Versions: " + ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "timm", "torchvision", "transformers")),
         "",

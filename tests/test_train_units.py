@@ -149,3 +149,23 @@ def test_lr_at_zero_warmup_is_peak():
     cfg = TrainConfig(warmup_epochs=0, epochs=1, lr=1e-3)
     s = Schedule.from_config(cfg, steps_per_epoch=4, global_batch=512)
     assert s(0) == pytest.approx(1e-3) and math.isclose(s(4), cfg.min_lr)
+
+
+# -- mixed precision ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "expected"), [(False, False, "none"), (True, False, "bf16"),
+                                                               (False, True, "bf16")])
+def test_amp_auto_follows_native_bf16(monkeypatch, avx512_bf16, amx, expected):
+    from swinv2.train import engine
+    from swinv2.train.precision import describe_amp, resolve_amp
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert TrainConfig().amp == "auto"
+    assert resolve_amp("auto", "cpu") == expected
+    assert resolve_amp("bf16", "cpu") == "bf16" and resolve_amp("none", "cpu") == "none"  # explicit wins
+    assert f"-> {expected}" in describe_amp("auto", "cpu")
+    with engine.autocast(TrainConfig(), torch.device("cpu")):
+        dtype = torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype
+    assert dtype == (torch.bfloat16 if expected == "bf16" else torch.float32)

@@ -15,6 +15,7 @@ from ..train import checkpoint as ckpt
 from ..train.config import TrainConfig, write_config
 from ..train.distributed import Dist, all_reduce_sum, unwrap
 from ..train.engine import autocast
+from ..train.precision import describe_amp
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -99,7 +100,7 @@ def run_loop(cfg: TrainConfig, env: Dist, wrapped: nn.Module, optimizer, loop, s
     elif env.main:
         batch = cfg.batch_size * cfg.accum_steps * env.world_size
         print(f"{intro}; {trainer.total_steps} updates of {batch} images; device {env.device}, "
-              f"{env.world_size} process(es); run folder {cfg.output}")
+              f"{env.world_size} process(es), {describe_amp(cfg.amp, env.device)}; run folder {cfg.output}")
     try:
         final = trainer.fit()
     except NonFiniteLossError as err:

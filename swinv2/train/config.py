@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-AMP_MODES = ("bf16", "fp16", "none")
+AMP_MODES = ("auto", "bf16", "fp16", "none")
 SCHEDULERS = ("cosine", "multistep", "constant")
 SHARDING = ("none", "zero1", "fsdp")
 TASKS = ("train", "finetune", "pretrain")
@@ -79,7 +79,8 @@ class TrainConfig:
     milestones: list[float] = _f((), "multistep: epochs at which the learning rate is multiplied by gamma")
     gamma: float = _f(0.1, "multistep: decay factor")
     scale_lr: bool = _f(True, "scale lr, warmup_lr and min_lr by global batch / 512 (official)")
-    amp: str = _f("bf16", "mixed precision: bf16 (CPU and GPU), fp16 (GPU, with loss scaling) or none")
+    amp: str = _f("auto", "mixed precision: auto (bf16 where the device has native bf16, else none), bf16 "
+                          "(CPU and GPU), fp16 (GPU, with loss scaling) or none")
     ema: float = _f(0.0, "exponential moving average decay of the weights (0: off), evaluated alongside")
     # -- run ------------------------------------------------------------------------------
     output: str = _f("runs/run", "run folder: checkpoints, metrics.jsonl, TensorBoard, plots "

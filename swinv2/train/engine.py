@@ -24,6 +24,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .distributed import Dist, all_reduce_sum, unwrap
 from .optim import Schedule, set_lr
+from .precision import resolve_amp
 
 
 class NonFiniteLossError(RuntimeError):
@@ -37,15 +38,16 @@ def derive_seed(*parts: int) -> int:
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.amp == "none":
+    amp = resolve_amp(cfg.amp, device)
+    if amp == "none":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
 
 
 def make_scaler(cfg: TrainConfig, device: torch.device):
     """fp16 needs loss scaling (small gradients underflow); bf16 has fp32's range and does not."""
-    if cfg.amp != "fp16":
+    if resolve_amp(cfg.amp, device) != "fp16":
         return None
     if device.type != "cuda":
         raise ValueError("--amp fp16 needs a GPU; on a CPU use --amp bf16")
