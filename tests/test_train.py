@@ -3,6 +3,7 @@ correct accumulation, DDP equal to one process, bad input, and the run's outputs
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -227,25 +228,37 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("sharding", ["zero1", "fsdp"])
+DEEPSPEED = pytest.param("deepspeed", marks=pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (pip install swinv2[deepspeed])"))
+
+
+@pytest.mark.parametrize("sharding", ["zero1", "fsdp", DEEPSPEED])
 def test_sharded_runs_equal_one_process_and_resume_from_full_state(tmp_path, sharding):
-    """ZeRO-1 (optimizer states sharded) and FSDP2 (everything sharded) over 2 gloo processes
-    give the single-process losses; their checkpoints hold full state dicts, so a sharded run
-    stopped after 2 updates and resumed ends where the uninterrupted single process does."""
+    """ZeRO-1 (optimizer states sharded), FSDP2 (everything sharded) and DeepSpeed ZeRO over 2
+    gloo processes give the single-process losses; their checkpoints hold full state dicts, so a
+    sharded run stopped after 2 updates and resumed ends where the uninterrupted single process
+    does. DeepSpeed runs stage 2 (gradients sharded too) from a config file first, and resumes
+    under the bundled stage-1 config."""
     common = {**FAST, "mixup": 0.0, "cutmix": 0.0, "epochs": 1}
     single = tmp_path / "single"
     subprocess.run(_cli("train", *_flags({**common, "batch_size": 8, "max_steps": 3}), "--output", str(single)),
                    env=ENV, check=True, capture_output=True)
     run = tmp_path / sharding
-    port = {"zero1": "29741", "fsdp": "29742"}[sharding]
+    port = {"zero1": "29741", "fsdp": "29742", "deepspeed": "29743"}[sharding]
+    first_extra, again_extra = [], []
+    if sharding == "deepspeed":
+        zero2 = tmp_path / "zero2.json"
+        zero2.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 10**6}}))
+        bundled = Path(swinv2.__file__).parent / "recipes" / "deepspeed_zero1.json"
+        first_extra, again_extra = ["--deepspeed-config", str(zero2)], ["--deepspeed-config", str(bundled)]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
               "-m", "swinv2", "train"]
     first = subprocess.run([*launch, *_flags({**common, "batch_size": 4, "max_steps": 2}), "--sharding", sharding,
-                            "--output", str(run)], env=ENV, capture_output=True, text=True)
+                            *first_extra, "--output", str(run)], env=ENV, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
     state = torch.load(run / "checkpoint-last.pt", weights_only=True)
     assert state["run"]["step"] == 2 and state["optimizer"]["state"], "a full optimizer state was saved"
-    again = subprocess.run([*launch, "--output", str(run), "--resume", "--max-steps", "3"], env=ENV,
+    again = subprocess.run([*launch, "--output", str(run), "--resume", "--max-steps", "3", *again_extra], env=ENV,
                            capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     torch.testing.assert_close(torch.tensor(_losses(run)), torch.tensor(_losses(single)), rtol=1e-5, atol=0)

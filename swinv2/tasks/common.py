@@ -47,7 +47,7 @@ def prepare_run(cfg: TrainConfig, env: Dist) -> tuple[TrainConfig, dict | None]:
         saved = TrainConfig.from_dict(state["config"])
         # The saved recipe defines the run; only how it is executed may change on resume.
         runtime = ("device", "threads", "workers", "progress", "tensorboard", "log_every", "max_steps",
-                   "save_every_steps", "compile", "epochs")
+                   "save_every_steps", "compile", "epochs", "deepspeed_config")
         # Flags typed on the command line (recorded by config_from_args); for a config built in
         # Python, the fields that differ from the defaults.
         given = getattr(cfg, "_given", None)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 SCHEDULERS = ("cosine", "multistep", "constant")
-SHARDING = ("none", "zero1", "fsdp")
+SHARDING = ("none", "zero1", "fsdp", "deepspeed")
 TASKS = ("train", "finetune", "pretrain")
 
 
@@ -96,7 +96,10 @@ class TrainConfig:
     max_steps: int | None = _f(None, "stop after this many updates (for smoke tests and debugging)")
     tensorboard: bool = _f(True, "write TensorBoard logs")
     progress: bool = _f(True, "show progress bars")
-    sharding: str = _f("none", "across torchrun processes: zero1 (optimizer states) or fsdp (everything)")
+    sharding: str = _f("none", "across torchrun processes: zero1 (optimizer states), fsdp (everything) or "
+                               "deepspeed (DeepSpeed ZeRO stage 1 or 2, see --deepspeed-config)")
+    deepspeed_config: str | None = _f(None, "with --sharding deepspeed: DeepSpeed JSON config, its zero_optimization "
+                                            "section (default: ZeRO stage 1)")
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -121,6 +124,9 @@ class TrainConfig:
             (self.workers >= 0, "workers must be >= 0"),
             (self.clip_grad is None or self.clip_grad > 0, "clip_grad must be > 0 (or None)"),
             (self.task != "finetune" or self.checkpoint, "finetune needs --checkpoint"),
+            (self.sharding != "deepspeed" or self.amp != "fp16",
+             "sharding deepspeed: use --amp auto, bf16 or none (fp16 loss scaling is not wired through DeepSpeed)"),
+            (self.sharding != "deepspeed" or not self.compile, "sharding deepspeed: --compile is not supported"),
         ]
         for ok, message in checks:
             if not ok:

@@ -7,7 +7,9 @@
 3. ``wrap_model`` applies the parallel wrapper: DDP (default), FSDP2 ``fully_shard`` or
    nothing in a single process; ``torch.compile`` comes last;
 4. the optimizer is built on the wrapped parameters; with ``sharding="zero1"`` it is a
-   ``ZeroRedundancyOptimizer`` (optimizer states sharded, the paper's ZeRO stage 1).
+   ``ZeroRedundancyOptimizer`` (optimizer states sharded, the paper's ZeRO stage 1);
+5. with ``sharding="deepspeed"`` the trainer hands model and optimizer to DeepSpeed's engine
+   (ZeRO stage 1 or 2, see ``deepspeed_backend``), which then reduces the gradients.
 
 Multi-node runs use torchrun's rendezvous, e.g. on each of 2 nodes with 8 GPUs:
 ``torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500
@@ -65,8 +67,9 @@ def teardown() -> None:
 
 
 def wrap_model(model: nn.Module, env: Dist, sharding: str) -> nn.Module:
-    """The parallel wrapper for ``sharding`` ('none' and 'zero1' use DDP when distributed)."""
-    if not env.enabled:
+    """The parallel wrapper for ``sharding`` ('none' and 'zero1' use DDP when distributed;
+    'deepspeed' none here: the trainer wraps model and optimizer in DeepSpeed's engine)."""
+    if not env.enabled or sharding == "deepspeed":
         return model
     if sharding == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -85,7 +88,9 @@ def wrap_model(model: nn.Module, env: Dist, sharding: str) -> nn.Module:
 
 def unwrap(model: nn.Module) -> nn.Module:
     model = getattr(model, "_orig_mod", model)  # torch.compile
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
+        return model.module
+    return model
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .deepspeed_backend import is_engine
 from .distributed import Dist, all_reduce_sum, unwrap
 from .optim import Schedule, set_lr
 from .precision import resolve_amp
@@ -90,7 +91,12 @@ class Loop:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, env: Dist, model: nn.Module, optimizer, loop: Loop, logger, ema=None):
+        if cfg.sharding == "deepspeed" and env.enabled:
+            from .deepspeed_backend import initialize
+
+            model, optimizer = initialize(model, optimizer, cfg, env.world_size)
         self.cfg, self.env, self.model, self.optimizer, self.loop = cfg, env, model, optimizer, loop
+        self.deepspeed = is_engine(model)
         self.logger, self.ema = logger, ema
         self.scaler = make_scaler(cfg, env.device)
         self.steps_per_epoch = loop.batches_per_epoch // cfg.accum_steps
@@ -194,7 +200,7 @@ class Trainer:
 
     def _update(self, batches: Iterator) -> tuple[float, int]:
         """One optimizer update over ``accum_steps`` micro-batches; returns (loss, images)."""
-        cfg, env, model = self.cfg, self.env, self.model
+        cfg, env, model, ds = self.cfg, self.env, self.model, self.deepspeed
         accum = cfg.accum_steps
         loss_total, images, skipped = 0.0, 0, 0
         finite = True
@@ -203,8 +209,9 @@ class Trainer:
             skipped += int(n_skipped)
             seed = derive_seed(cfg.seed, self.state.step, micro, env.rank)
             torch.manual_seed(seed)  # stochastic depth and dropout of this micro-batch
-            # The gradient is synchronised across processes only on the last micro-batch.
-            sync = micro == accum - 1 or not hasattr(model, "no_sync")
+            # The gradient is synchronised across processes only on the last micro-batch
+            # (DeepSpeed's engine counts micro-batches itself).
+            sync = micro == accum - 1 or ds or not hasattr(model, "no_sync")
             with contextlib.nullcontext() if sync else model.no_sync():
                 if _batch_size(inputs) == 0:
                     # Every image of this batch was unreadable: contribute a zero gradient so
@@ -221,7 +228,12 @@ class Trainer:
                 # once here, and unscale/clip once below (the official scripts do both per
                 # micro-batch, which breaks with GradScaler).
                 scaled = loss / accum
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                if ds:
+                    model.backward(scaled, scale_wrt_gas=False)
+                    if micro < accum - 1:
+                        model.step()  # counts the micro-batch; the update comes at the last one
+                else:
+                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_total += float(value) / accum
             images += n
         # One collective per update: non-finite flags, skipped images, loss and image counts
@@ -237,6 +249,9 @@ class Trainer:
                 f"stopped, and {self.cfg.output}/{ckpt.LAST} (if any) holds the last good state. Lower --lr, "
                 "use --amp bf16 or none, or check the data"
             )
+        if ds:
+            model.step()  # reduces the gradients, clips them (gradient_clipping), updates, zeroes
+            return loss_total, images
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if cfg.clip_grad is not None:
@@ -323,6 +338,11 @@ def _load_full_model_state(model: nn.Module, state: dict) -> None:
 def _full_optimizer_state(model: nn.Module, optimizer) -> dict:
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
+    if is_engine(model):
+        from .deepspeed_backend import full_optimizer_state
+
+        return full_optimizer_state(model)  # collective
+
     if isinstance(optimizer, ZeroRedundancyOptimizer):
         optimizer.consolidate_state_dict(to=0)  # collective: gathers the shards on rank 0
         import torch.distributed as dist
@@ -338,6 +358,11 @@ def _full_optimizer_state(model: nn.Module, optimizer) -> dict:
 
 
 def _load_full_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+    if is_engine(model):
+        from .deepspeed_backend import load_full_optimizer_state
+
+        load_full_optimizer_state(model, state)
+        return
     if _is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
