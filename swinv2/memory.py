@@ -180,8 +180,11 @@ def estimate_training_memory(
     or ``bf16`` / ``fp16`` autocast (fp32 weights, gradients and states; 2-byte activations).
     ``grad_checkpointing`` / ``sequential_attention``: False, True (all stages), stage list,
     or (sequential) a dict {stage: windows per chunk}. ``zero_world_size``: ZeRO-1 shards the
-    optimizer states; ``fsdp_world_size``: FSDP shards weights, gradients and states, and
-    gathers one block's weights and gradients at a time.
+    optimizer states; ``fsdp_world_size``: FSDP2 as ``train.distributed.wrap_model`` applies it
+    (each block a unit, the rest of the network the root unit) shards weights, gradients and
+    states; the root's weights stay gathered through forward and backward, and during a block's
+    backward its full weights and gradients, the next block's weights (prefetched) and the
+    previous block's reduce-scatter input are alive (measured: benchmarks/2026-12-01-sharded-budget-cpu.md).
     """
     from .layers import DEFAULT_ATTENTION_BUDGET_MB
     from .model import _stage_spec
@@ -267,14 +270,23 @@ def estimate_training_memory(
     autocast_w = n_params * s if s == 2 else 0  # low-precision weight copies, kept for backward
     P_dev, G_dev = P // fsdp_world_size, grads // fsdp_world_size
     O_dev = states // (zero_world_size * fsdp_world_size)
-    gathered = 0
-    if fsdp_world_size > 1:  # one unit's full weights and gradients at a time
-        gathered = 2 * max(block_params)
     A_dev_ac = autocast_w // fsdp_world_size
+    # FSDP: the root unit's weights (embedding, patch merging, final norm, head) stay gathered,
+    # and block k's backward holds fp32 full-size tensors of units around it (see the docstring).
+    unit = [4 * b[4] for b in per_block]
+    root = P - sum(unit) if fsdp_world_size > 1 else 0
+    root_gathered = root - root // fsdp_world_size
+
+    def gathered(k: int) -> int:
+        if fsdp_world_size == 1:
+            return 0
+        nxt = unit[k - 1] if k > 0 else 0  # the block backward reaches next: prefetched weights
+        prev = unit[k + 1] if k + 1 < len(unit) else 0  # the block before: its reduce-scatter input
+        return root_gathered + 2 * unit[k] + nxt + prev
 
     # Backward walks blocks from the last to the first: block k's saved tensors are still alive
     # with those of every earlier block, and gradients exist for every later block.
-    fixed = P_dev + O_dev + A_dev_ac + gathered + masks + int(RUNTIME_MB[dtype] * MiB)
+    fixed = P_dev + O_dev + A_dev_ac + masks + int(RUNTIME_MB[dtype] * MiB)
     prefix = embed
     acts_before = []
     for _, saved, *_ in per_block:
@@ -285,14 +297,15 @@ def estimate_training_memory(
     merged = sum(stage_acts) + embed - sum(b[1] for b in per_block)  # merging layers, embedding
     for k in range(len(per_block) - 1, -1, -1):
         stage, saved, work, scores, gparams = per_block[k]
-        alive = fixed + acts_before[k] + saved + merged + work + grads_after // fsdp_world_size
+        alive = fixed + acts_before[k] + saved + merged + work + grads_after // fsdp_world_size + gathered(k)
         if alive > peak:
-            peak, at = alive, (k, acts_before[k] + saved + merged, work, grads_after // fsdp_world_size)
+            peak, at = alive, (k, acts_before[k] + saved + merged, work, grads_after // fsdp_world_size,
+                               gathered(k))
         grads_after += 4 * gparams
-    end = fixed + G_dev  # after backward: every gradient
+    end = fixed + G_dev  # after backward: every gradient, every unit sharded again
     if end > peak:
-        peak, at = end, (None, 0, 0, G_dev)
-    _, acts_at, work_at, grads_at = at
+        peak, at = end, (None, 0, 0, G_dev, 0)
+    _, acts_at, work_at, grads_at, gathered_at = at
     breakdown = {
         f"weights (fp32{', 1/' + str(fsdp_world_size) if fsdp_world_size > 1 else ''})": P_dev,
         "gradients alive at the peak": grads_at,
@@ -300,7 +313,7 @@ def estimate_training_memory(
         "autocast weight copies": A_dev_ac,
         "activations kept for backward": acts_at,
         "backward workspace (one block)": work_at,
-        "FSDP gathered unit": gathered,
+        "FSDP gathered (root, blocks)": gathered_at,
         "attention masks (cached, fp32)": masks,
         "torch runtime (calibrated)": int(RUNTIME_MB[dtype] * MiB),
     }

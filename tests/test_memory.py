@@ -98,6 +98,21 @@ def test_estimate_scales_as_expected():
         estimate_training_memory("swinv2_debug", dtype="int8")
 
 
+def test_fsdp_backward_holds_the_units_around_a_block():
+    """FSDP2 as wrap_model applies it (each block a unit, the rest the root): SwinV2-H's peak is
+    in the backward of stage 3's first block, which holds its own full weights and gradients,
+    the prefetched weights of stage 2's last block and the reduce-scatter input of stage 3's
+    second block, while the root's weights stay gathered. Measured at 192 px on 2 processes:
+    5.76 GiB against 5.66 predicted (benchmarks/2026-12-01-sharded-budget-cpu.md)."""
+    model = swinv2.create_model("swinv2_huge_window12_192", device="meta", num_classes=1000, drop_path_rate=0.0)
+    blocks = [count_parameters(stage.blocks[0]) for stage in model.layers]  # block 0: no extra norm
+    root = count_parameters(model) - sum(d * b for d, b in zip(model.depths, blocks))
+    est = estimate_training_memory(model, fsdp_world_size=2)
+    assert est.breakdown["FSDP gathered (root, blocks)"] == (4 * root - 4 * root // 2) + 4 * (3 * blocks[3] + blocks[2])
+    assert est.breakdown["gradients alive at the peak"] == 4 * blocks[3] // 2  # stage 3's second block, sharded
+    assert estimate_training_memory(model).breakdown["FSDP gathered (root, blocks)"] == 0
+
+
 # Each case: a fresh subprocess with a few AdamW steps; the estimate is within 15% of peak RSS.
 MEASURED = [
     ("swinv2_debug", 128, 4, "fp32", False, False),
