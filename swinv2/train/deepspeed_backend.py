@@ -73,12 +73,15 @@ def deepspeed_config(cfg, world_size: int) -> dict:
     )
     for key, value in ours.items():
         if key in user and user[key] != value:
-            raise ValueError(f"{source}: {key} is {user[key]}, but {_FROM_FLAGS[key]} makes it {value}; "
-                             "leave it out of the file")
+            raise ValueError(
+                f"{source}: {key} is {user[key]}, but {_FROM_FLAGS[key]} makes it {value}; leave it out of the file"
+            )
     stage = (user.get("zero_optimization") or {}).get("stage", 0)
     if stage not in (0, 1, 2):
-        raise ValueError(f"{source}: ZeRO stage {stage} is not supported here (stages 1 and 2 are; for "
-                         "parameters sharded too use --sharding fsdp)")
+        raise ValueError(
+            f"{source}: ZeRO stage {stage} is not supported here (stages 1 and 2 are; for "
+            "parameters sharded too use --sharding fsdp)"
+        )
     # The client optimizer is torch's AdamW, which DeepSpeed calls untested; the run logs itself.
     return {"steps_per_print": 2**31 - 1, **user, **ours, "zero_allow_untested_optimizer": True}
 
@@ -140,8 +143,10 @@ def load_full_optimizer_state(engine, full: dict) -> None:
         raise ValueError("the checkpoint's optimizer has other parameter groups than this run's")
     for i, (group, saved) in enumerate(zip(inner.param_groups, full["param_groups"])):
         if len(saved["params"]) != len(zero.bit16_groups[i]):
-            raise ValueError(f"optimizer group {i}: the checkpoint has {len(saved['params'])} parameters, "
-                             f"this run {len(zero.bit16_groups[i])}")
+            raise ValueError(
+                f"optimizer group {i}: the checkpoint has {len(saved['params'])} parameters, "
+                f"this run {len(zero.bit16_groups[i])}"
+            )
         group.update({k: v for k, v in saved.items() if k != "params"})
         first = full["state"].get(saved["params"][0]) if saved["params"] else None
         if first is not None:  # states exist: create the flat ones for DeepSpeed to link into
