@@ -70,6 +70,47 @@ def window_reverse(windows: torch.Tensor, window: Size2, H: int, W: int) -> torc
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)  # (B, H, W, C)
 
 
+def shifted_window_order(resolution: Size2, window: Size2, shift: Size2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token order of the cyclically shifted windows of a ``(Hp, Wp)`` map, as two int64
+    permutations of ``Hp*Wp``: ``order[i]`` is the row-major position in the map of token ``i``
+    of ``window_partition(roll(x, -shift), window)``, and ``inverse`` undoes it.
+
+    One gather with ``order`` (:func:`gather_tokens`) then replaces the roll and the partition,
+    which are two full copies of the map (and ``torch.roll`` over two dims is slower than a
+    copy); the values moved are the same, so the result is identical.
+    """
+    Hp, Wp = resolution
+    pos = torch.arange(Hp * Wp).view(1, Hp, Wp, 1)
+    pos = torch.roll(pos, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    order = window_partition(pos, window).reshape(-1)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return order, inverse
+
+
+class _GatherTokens(torch.autograd.Function):
+    """``x.index_select(1, order)`` whose backward is the inverse gather (a permutation's
+    gradient is the inverse permutation), instead of index_select's scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+def gather_tokens(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """(B, L, C) -> (B, L, C) with tokens in ``order``; ``inverse`` is its inverse permutation."""
+    # (TorchScript tracing cannot record a Python autograd Function; it needs no backward.)
+    if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
+        return _GatherTokens.apply(x, order, inverse)
+    return x.index_select(1, order)
+
+
 def effective_window(
     resolution: Size2, window: Size2, rule: str = "per_axis"
 ) -> tuple[Size2, Size2]:

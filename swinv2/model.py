@@ -27,7 +27,9 @@ from .layers import (
     WindowAttention,
     attention_mask,
     effective_window,
+    gather_tokens,
     resize_bias_table,
+    shifted_window_order,
     to_2tuple,
     window_partition,
     window_reverse,
@@ -80,6 +82,7 @@ class SwinTransformerV2Block(nn.Module):
             self.norm1_post = norm_layer(dim)
             self.norm2_post = norm_layer(dim)
         self.norm3 = norm_layer(dim) if extra_norm else None
+        self._order_cache: dict = {}  # shifted-window token orders, by map size, window, shift, device
 
     def init_res_post_norm(self) -> None:
         """Zero the branch norms so every residual branch starts as 0 (official init)."""
@@ -97,13 +100,23 @@ class SwinTransformerV2Block(nn.Module):
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (B, Hp, Wp, C)
         Hp, Wp = H + pad_h, W + pad_w
         if shift[0] or shift[1]:
-            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        windows = window_partition(x, window)  # (B*nW, N, C)
-        windows = self.attn(windows, window, mask)  # (B*nW, N, C)
-        x = window_reverse(windows, window, Hp, Wp)  # (B, Hp, Wp, C)
-        if shift[0] or shift[1]:
-            x = torch.roll(x, shifts=shift, dims=(1, 2))
+            # roll + partition (and reverse + roll back) as one gather each, same values
+            order, inverse = self._shifted_order((Hp, Wp), window, shift, x.device)
+            windows = gather_tokens(x.reshape(B, Hp * Wp, C), order, inverse).view(-1, wh * ww, C)
+            windows = self.attn(windows, window, mask)  # (B*nW, N, C)
+            x = gather_tokens(windows.reshape(B, Hp * Wp, C), inverse, order).view(B, Hp, Wp, C)
+        else:
+            windows = window_partition(x, window)  # (B*nW, N, C)
+            windows = self.attn(windows, window, mask)  # (B*nW, N, C)
+            x = window_reverse(windows, window, Hp, Wp)  # (B, Hp, Wp, C)
         return x[:, :H, :W, :] if (pad_h or pad_w) else x
+
+    def _shifted_order(self, resolution: Size2, window: Size2, shift: Size2, device):
+        key = (resolution, window, shift, device)
+        if key not in self._order_cache:
+            with torch.inference_mode(False):  # usable later by training, whoever fills it
+                self._order_cache[key] = tuple(t.to(device) for t in shifted_window_order(resolution, window, shift))
+        return self._order_cache[key]
 
     def forward(self, x: torch.Tensor, window: Size2, shift: Size2, mask=None) -> torch.Tensor:
         """x: (B, H, W, C); window/shift: this block's; mask: (nW, N, N) or None."""
