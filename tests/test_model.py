@@ -1,5 +1,6 @@
 """The network: construction, variants, training behaviour, the timm-style API."""
 
+import copy
 import json
 import math
 
@@ -473,11 +474,21 @@ def test_torch_compile_takes_the_whole_forward():
 
 @pytest.mark.slow
 def test_inductor_compiled_model_matches_eager():
+    """Inductor reorders float32 reductions differently per CPU (1.2e-5 from eager on an AVX2
+    host), so the compiled model is held to the float64 model: at most as far from it as the
+    float32 reference path is, with a margin."""
     model = debug_model(seed=9).eval()
+    model64 = copy.deepcopy(model).double()
     compiled = torch.compile(model, fullgraph=True)
     x = torch.randn(2, 3, 36, 52)
     with torch.no_grad():
-        assert rel_err(compiled(x), model(x)) < 1e-5
+        truth = model64(x.double())
+        got = compiled(x)
+        model.set_fused_attn(False)
+        reference_err = rel_err(model(x), truth)
+        model.set_fused_attn(True)
+    assert reference_err < 5e-5
+    assert rel_err(got, truth) < 1.5 * reference_err
     torch._dynamo.reset()
 
 
