@@ -36,12 +36,7 @@ DTYPES = [pytest.param(torch.float32, F32_TOL, id="f32"), pytest.param(torch.flo
 ARCH = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), num_classes=10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def _ours(**kwargs) -> swinv2.SwinTransformerV2:

@@ -26,12 +26,7 @@ TOL = 1e-5  # float32, relative (in practice the two agree to about 1e-7)
 NAMES = ["cat", "dog", "fox", "owl", "elk"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def _hf_config(**kw) -> transformers.Swinv2Config:

@@ -96,14 +96,7 @@ def _peer_clamp(monkeypatch) -> None:
     monkeypatch.setattr(swinv2.layers, "LOGIT_SCALE_MAX", math.log(100))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: one intra-op thread is as fast, and it avoids the OpenMP spin-wait
-    slowdown (10x measured) when other processes share the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def _cast(dtype, *models):
