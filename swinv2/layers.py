@@ -278,7 +278,7 @@ class WindowAttention(nn.Module):
         self._cache: dict = {}  # coordinate tables and index maps, keyed by window and device
 
         if attn_type == "cosine":
-            self.logit_scale = nn.Parameter(torch.log(10 * torch.ones((num_heads, 1, 1))))
+            self.logit_scale = nn.Parameter(torch.empty(num_heads, 1, 1))
         if position_bias in ("log_cpb", "linear_cpb"):
             self.cpb_mlp = nn.Sequential(
                 nn.Linear(2, cpb_hidden_dim, bias=True),
@@ -288,14 +288,11 @@ class WindowAttention(nn.Module):
         elif position_bias == "table":
             self.table_window = tuple(table_window)
             th, tw = self.table_window
-            self.relative_position_bias_table = nn.Parameter(
-                torch.zeros((2 * th - 1) * (2 * tw - 1), num_heads)
-            )
-            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+            self.relative_position_bias_table = nn.Parameter(torch.empty((2 * th - 1) * (2 * tw - 1), num_heads))
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         if qkv_bias:
-            self.q_bias = nn.Parameter(torch.zeros(dim))
-            self.v_bias = nn.Parameter(torch.zeros(dim))
+            self.q_bias = nn.Parameter(torch.empty(dim))
+            self.v_bias = nn.Parameter(torch.empty(dim))
         else:
             self.q_bias = self.v_bias = None
         self.attn_drop = nn.Dropout(attn_drop)
@@ -304,6 +301,7 @@ class WindowAttention(nn.Module):
         # True: one fused scaled_dot_product_attention call; False: the explicit reference
         # computation (matmul, bias, mask, softmax, matmul) as in the official code.
         self.fused_attn = True
+        self.reset_parameters()
         # Sequential attention (paper §3.5): windows are attended in chunks of
         # ``chunk_windows`` (or as many as ``memory_budget_mb`` of scores allows), one after
         # the other, each recomputed in backward. Off by default; set by the model.
@@ -312,6 +310,19 @@ class WindowAttention(nn.Module):
         self.memory_budget_mb: float | None = None
 
     # -- relative position bias --------------------------------------------------------
+
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The official initial values of this module's own parameters: logit scale ln 10, zero
+        q/v biases, a truncated-normal V1 table (the Linear layers are the model's to init)."""
+        if self.attn_type == "cosine":
+            self.logit_scale.fill_(math.log(10.0))
+        if self.q_bias is not None:
+            self.q_bias.zero_()
+            self.v_bias.zero_()
+        if self.position_bias == "table":
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def _cached(self, kind: str, window: Size2, device, dtype=None) -> torch.Tensor:
         key = (kind, window, device, dtype)

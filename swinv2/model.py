@@ -586,13 +586,7 @@ class SwinTransformerV2(nn.Module):
             if isinstance(module, nn.Conv2d):
                 module.reset_parameters()
             elif isinstance(module, WindowAttention):
-                if module.attn_type == "cosine":
-                    module.logit_scale.fill_(float(torch.log(torch.tensor(10.0))))  # as built
-                if module.q_bias is not None:
-                    module.q_bias.zero_()
-                    module.v_bias.zero_()
-                if module.position_bias == "table":
-                    nn.init.trunc_normal_(module.relative_position_bias_table, std=0.02)
+                module.reset_parameters()
             _init_weights(module)  # Linear and LayerNorm
         if self.ape:
             nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
