@@ -145,11 +145,12 @@ class Classifier:
 
     def top(self, ev) -> str:
         """Category of an outermost forward op (an aten op not inside another one)."""
-        name = ev.name.removeprefix("aten::")
+        name = ev.name.removeprefix("aten::").removeprefix("mkldnn::")
         shapes = [list(s) for s in (ev.input_shapes or [])]
-        if name in ("linear", "addmm", "mm", "matmul", "bmm", "baddbmm"):
+        # _linear_pointwise: swinv2's CPU inference Linears on oneDNN (fc1's GELU fused in)
+        if name in ("linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "_linear_pointwise"):
             weightlike = [s for s in shapes if len(s) == 2]
-            if name in ("linear", "addmm", "mm") or (name == "matmul" and weightlike):
+            if name in ("linear", "addmm", "mm", "_linear_pointwise") or (name == "matmul" and weightlike):
                 lname = self._linear_name(shapes)
                 if lname and lname.startswith("cpb"):
                     return "cpb_mlp"

@@ -422,6 +422,114 @@ def test_cpu_half_precision_kernel_equals_reference(switch, monkeypatch):
     assert rel_err(sdpa16, truth) < 1.5 * rel_err(eager16, truth)
 
 
+needs_onednn = pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN"
+)
+
+
+@needs_onednn
+@pytest.mark.parametrize("gelu", [False, True], ids=["plain", "gelu"])
+@pytest.mark.parametrize("case", ["2d", "3d", "strided", "no-bias"])
+def test_onednn_linear_equals_f_linear(case, gelu):
+    from swinv2 import layers
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 50, 24, generator=gen)
+    w, b = torch.randn(40, 24, generator=gen), torch.randn(40, generator=gen)
+    if case == "2d":
+        x = x.reshape(-1, 24)
+    elif case == "strided":
+        x = x[:, ::3]  # not contiguous
+    elif case == "no-bias":
+        b = None
+    with torch.no_grad():
+        assert layers._onednn_applies(x, w) is torch.float32  # the oneDNN kernel is the one tested
+        got = layers.linear(x, w, b, gelu=gelu)
+        want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+        want = torch.nn.functional.gelu(want) if gelu else want
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert rel_err(got, want) < 1e-6
+
+
+def test_onednn_linear_only_in_inference(monkeypatch):
+    from swinv2 import layers
+
+    x, w = torch.randn(6, 8), torch.randn(5, 8, requires_grad=True)
+    assert layers._onednn_applies(x, w) is None  # gradients: F.linear, which has a backward
+    layers.linear(x, w, gelu=True).sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert layers._onednn_applies(x, w.detach().double()) is None  # mixed dtypes
+        assert layers._onednn_applies(x.double(), w.detach().double()) is None  # float64
+        monkeypatch.setattr(layers, "ONEDNN_LINEAR", False)
+        assert layers._onednn_applies(x, w.detach()) is None
+
+
+def test_onednn_linear_under_bfloat16_autocast():
+    """Runs in bf16 as F.linear does under autocast: on oneDNN where this CPU multiplies bf16,
+    on F.linear where it does not (the probe decides)."""
+    from swinv2 import layers
+
+    gen = torch.Generator().manual_seed(4)
+    x, w, b = torch.randn(64, 32, generator=gen), torch.randn(48, 32, generator=gen), torch.randn(48, generator=gen)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layers.linear(x, w, b, gelu=True)
+        want = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b))
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert rel_err(got, want) < 2e-2
+
+
+def test_model_inference_on_onednn_equals_f_linear(monkeypatch):
+    from swinv2 import layers
+
+    model = debug_model(seed=9).eval()
+    x = _randn(2, 3, 36, 52, seed=1)
+    used = []
+    applies = layers._onednn_applies
+    monkeypatch.setattr(layers, "_onednn_applies", lambda *a: used.append(applies(*a)) or used[-1])
+
+    def run(onednn, dtype=torch.float32):
+        monkeypatch.setattr(layers, "ONEDNN_LINEAR", onednn)
+        with torch.no_grad():
+            return model.to(dtype)(x.to(dtype)).float()
+
+    truth = run(True, torch.float64)
+    model.float()
+    used.clear()
+    fast = run(True)
+    if torch.backends.mkldnn.is_available():
+        # qkv, proj, fc1 (+GELU), fc2 in all 8 blocks, and the 3 patch mergings
+        assert used.count(torch.float32) == 8 * 4 + 3
+    plain = run(False)
+    assert rel_err(fast, plain) < 1e-5
+    assert rel_err(fast, truth) < max(3 * rel_err(plain, truth), 1e-6)
+
+
+def test_hooked_or_replaced_linear_layers_are_called():
+    """A hooked, subclassed or wrapped Linear runs as a module, so its hooks and overrides act."""
+    model = debug_model(seed=10).eval()
+    x = _randn(1, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        calls = []
+        fc1 = model.layers[0].blocks[0].mlp.fc1
+        handle = fc1.register_forward_hook(lambda m, i, o: calls.append(1) or o.zero_())
+        hooked = model(x)
+        handle.remove()
+
+        class Flipped(torch.nn.Linear):  # (a scaling would vanish in the res-post LayerNorm)
+            def forward(self, t):
+                return super().forward(t).flip(-1)
+
+        proj = model.layers[1].blocks[1].attn.proj
+        flipped = Flipped(proj.in_features, proj.out_features)
+        flipped.load_state_dict(proj.state_dict())
+        model.layers[1].blocks[1].attn.proj = flipped
+        replaced = model(x)
+    assert calls == [1]
+    assert rel_err(hooked, before) > 1e-3 and rel_err(replaced, before) > 1e-3
+
+
 def test_fused_attention_gradients_equal_reference():
     x = torch.randn(2, 3, 36, 52, dtype=torch.float64)
     grads = []
@@ -459,9 +567,13 @@ def test_inference_mode_then_training():
     assert model.layers[0].blocks[1].attn.cpb_mlp[0].weight.grad is not None
 
 
-def test_torch_compile_takes_the_whole_forward():
+def test_torch_compile_takes_the_whole_forward(monkeypatch):
     """fullgraph=True fails on any graph break; the eager backend checks capture only. The
     padded size exercises padding, shift and mask code."""
+    from swinv2 import layers
+
+    # the captured graph runs F.linear; so does eager here, so the two agree to the last bits
+    monkeypatch.setattr(layers, "ONEDNN_LINEAR", False)
     model = debug_model(seed=8).eval()
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     x = torch.randn(2, 3, 36, 52)
@@ -637,7 +749,10 @@ def test_sequential_attention_with_checkpointing_is_exact():
     assert rel_err(out1, out0) < 1e-12 and rel_err(grad1, grad0) < 1e-10
 
 
-def test_sequential_attention_compiles_whole():
+def test_sequential_attention_compiles_whole(monkeypatch):
+    from swinv2 import layers
+
+    monkeypatch.setattr(layers, "ONEDNN_LINEAR", False)  # same GEMM kernel as the captured graph
     model = debug_model(seed=15)
     model.set_sequential_attention([0, 1], chunk_windows=5)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
