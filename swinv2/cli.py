@@ -105,6 +105,9 @@ def cmd_bench(args) -> int:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         stem = os.path.join(args.out, f"{env['date'][:10]}-{args.model}-{args.device.split(':')[0]}")
+        if os.path.exists(stem + ".md") or os.path.exists(stem + ".json"):  # keep the day's earlier report
+            stem = os.path.join(args.out, f"{env['date'][:10]}-{env['date'][11:16].replace(':', '')}-"
+                                f"{args.model}-{args.device.split(':')[0]}")
         with open(stem + ".md", "w") as f:
             f.write(text)
         with open(stem + ".json", "w") as f:
