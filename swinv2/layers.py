@@ -53,12 +53,13 @@ def to_2tuple(value, name: str = "value") -> Size2:
 # Linear layers
 # --------------------------------------------------------------------------------------
 
-# Inference on a CPU runs the model's Linear layers through oneDNN's inner product (the
-# kernel torch.compile's CPU backend uses after freezing) instead of F.linear: on a 2-core
-# AVX2 CPU it measured 1.0-1.6x faster per GEMM shape of SwinV2-T, and it applies the MLP's
-# exact (erf) GELU in the GEMM's output pass, saving one read and write of the 4C-wide hidden
-# activation. Same products, same values (the tests compare against F.linear). Set False to
-# always use F.linear.
+# In CPU inference the model's Linear layers run on oneDNN's inner product (the kernel
+# torch.compile's CPU backend uses after freezing) instead of F.linear: on a 2-core AVX2 CPU
+# it measured 1.0-1.6x faster per GEMM shape of SwinV2-T, and it applies the MLP's exact (erf)
+# GELU in the GEMM's output pass, saving a read and a write of the 4C-wide hidden activation.
+# Inference only: the op has no backward, and a training step whose forward products ran on
+# oneDNN (backward on the usual matrix products) measured no faster. Same products, same
+# values (the tests compare against F.linear). Set False to always use F.linear.
 ONEDNN_LINEAR = True
 _onednn_dtypes: dict = {}  # dtype -> whether oneDNN's inner product runs (and agrees) here
 
@@ -86,11 +87,13 @@ def _onednn_runs(dtype: torch.dtype) -> bool:
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     """The dtype to run oneDNN's inner product in for this call, or None for F.linear.
 
-    Inference only (the op has no backward), on CPU tensors, outside compile, export and
-    tracing (which must see F.linear), with oneDNN enabled. Under CPU autocast the call runs
-    in the autocast dtype, as F.linear would.
+    Plain CPU tensors (no subclasses such as DTensor), outside compile, export and tracing
+    (which must see F.linear), with oneDNN enabled. Under CPU autocast the call runs in the
+    autocast dtype, as F.linear would.
     """
-    if not ONEDNN_LINEAR or torch.is_grad_enabled() or x.device.type != "cpu":
+    if not ONEDNN_LINEAR or x.device.type != "cpu" or weight.device.type != "cpu":
+        return None
+    if type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, nn.Parameter):
         return None
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return None
@@ -109,19 +112,22 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None
     return dtype
 
 
+def _inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False):
+    if gelu:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            gelu: bool = False) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, followed by the exact GELU when ``gelu``; in CPU
-    inference through oneDNN with the GELU fused (see ``ONEDNN_LINEAR``)."""
-    dtype = _onednn_applies(x, weight)
+    inference on oneDNN with the GELU fused in (see ``ONEDNN_LINEAR``)."""
+    dtype = None if torch.is_grad_enabled() else _onednn_applies(x, weight)
     if dtype is None:
         y = F.linear(x, weight, bias)
         return F.gelu(y) if gelu else y
     x, weight = x.to(dtype), weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    if gelu:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return _inner_product(x, weight, None if bias is None else bias.to(dtype), gelu)
 
 
 def apply_linear(module: nn.Module, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
@@ -554,11 +560,13 @@ class WindowAttention(nn.Module):
                 q = F.normalize(q, dim=-1) * (scale.to(q.dtype) if matmul else scale)
                 k = F.normalize(k, dim=-1)
             else:
-                # One pass over q instead of two: the scale joins the reciprocal norm. Only
-                # without gradients, where nothing is kept for backward; with them the form
-                # above keeps the tensors that the memory estimate counts.
-                q = q * (scale / _norm(q))
-                k = k / _norm(k)
+                # One pass over q instead of two (the scale joins the reciprocal norm), and in
+                # place: q and k are views of this call's own qkv output. Only without
+                # gradients, where nothing is kept for backward; with them the form above
+                # keeps the tensors that the memory estimate counts.
+                factor = scale / _norm(q)  # (B_, nH, N, 1)
+                q = q.mul_(factor) if factor.dtype == q.dtype else q * factor  # (autocast: promoted)
+                k = k.div_(_norm(k))
         else:
             q = q * d**-0.5
         bias = None if rel is None else rel.unsqueeze(0).to(q.dtype)  # (1, nH, N, N)

@@ -118,13 +118,23 @@ class SwinTransformerV2Block(nn.Module):
                 self._order_cache[key] = tuple(t.to(device) for t in shifted_window_order(resolution, window, shift))
         return self._order_cache[key]
 
+    def _add_branch(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """``x + branch`` for a res-post-norm branch (a LayerNorm's output, or that output
+        scaled by stochastic depth). Without gradients the sum goes into the branch's own
+        buffer, which nothing else holds: the same values (addition commutes), one large
+        allocation less per branch."""
+        if (not torch.is_grad_enabled() and type(self.norm1) is nn.LayerNorm and type(self.norm2) is nn.LayerNorm
+                and branch.shape == x.shape and branch.dtype == x.dtype):
+            return branch.add_(x)
+        return x + branch
+
     def forward(self, x: torch.Tensor, window: Size2, shift: Size2, mask=None) -> torch.Tensor:
         """x: (B, H, W, C); window/shift: this block's; mask: (nW, N, N) or None."""
         attend = lambda t: self._window_attention(t, window, shift, mask)  # noqa: E731
         p = self.norm_placement
         if p == "res_post":
-            x = x + self.drop_path(self.norm1(attend(x)))
-            x = x + self.drop_path(self.norm2(self.mlp(x)))
+            x = self._add_branch(x, self.drop_path(self.norm1(attend(x))))
+            x = self._add_branch(x, self.drop_path(self.norm2(self.mlp(x))))
         elif p == "pre":
             x = x + self.drop_path(attend(self.norm1(x)))
             x = x + self.drop_path(self.mlp(self.norm2(x)))

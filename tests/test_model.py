@@ -455,14 +455,43 @@ def test_onednn_linear_only_in_inference(monkeypatch):
     from swinv2 import layers
 
     x, w = torch.randn(6, 8), torch.randn(5, 8, requires_grad=True)
-    assert layers._onednn_applies(x, w) is None  # gradients: F.linear, which has a backward
-    layers.linear(x, w, gelu=True).sum().backward()
+
+    def refuse(*args):
+        raise AssertionError("oneDNN's inner product has no backward")
+
+    with monkeypatch.context() as m:  # with gradients: F.linear, which has a backward
+        m.setattr(layers, "_inner_product", refuse)
+        layers.linear(x, w, gelu=True).sum().backward()
     assert w.grad is not None and w.grad.abs().sum() > 0
     with torch.no_grad():
         assert layers._onednn_applies(x, w.detach().double()) is None  # mixed dtypes
         assert layers._onednn_applies(x.double(), w.detach().double()) is None  # float64
+        assert layers._onednn_applies(x.as_subclass(_Sub), w.detach()) is None  # subclasses: F.linear
         monkeypatch.setattr(layers, "ONEDNN_LINEAR", False)
         assert layers._onednn_applies(x, w.detach()) is None
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_inference_leaves_its_inputs_and_earlier_outputs_alone():
+    """Inference adds the residual into the branch's buffer and normalises q and k in place:
+    the input, every block's output (held by a hook) and the result all stay as computed, and
+    equal what the same model gives with gradients on (where nothing is done in place)."""
+    model = debug_model(seed=11).eval()
+    x = _randn(2, 3, 36, 52, seed=2)
+    x0 = x.clone()
+    held = []
+    for stage in model.layers:
+        for block in stage.blocks:
+            block.register_forward_hook(lambda m, i, o: held.append((o, o.clone())))
+    with torch.no_grad():
+        out = model(x)
+    assert torch.equal(x, x0)
+    assert len(held) == 8 and all(torch.equal(o, snapshot) for o, snapshot in held)
+    with_grad = model(x)
+    assert rel_err(out, with_grad.detach()) < 1e-5
 
 
 def test_onednn_linear_under_bfloat16_autocast():
