@@ -25,6 +25,8 @@ SHIFT_MASK_VALUE = -100.0
 # Added to the logits of padded keys. Padding is always narrower than the window, so every
 # window row keeps at least one real key and -inf can never give an all-masked row.
 PAD_MASK_VALUE = float("-inf")
+# F.normalize's floor on the norm of the cosine attention's q and k.
+NORM_EPS = 1e-12
 # Sequential attention sizes its chunks from a budget for score-sized tensors, (chunk, nH, N, N)
 # each: the CPU matmul kernel holds at most this many of them at once (bias plus mask, logits,
 # probabilities in forward; probabilities, their gradient and the logits' gradient in backward).
@@ -480,21 +482,41 @@ class WindowAttention(nn.Module):
         bias = None
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = linear(x, self.qkv.weight, bias)  # (B_, N, 3C)
-        qkv = qkv.reshape(B_, N, 3, nH, C // nH).permute(2, 0, 3, 1, 4)  # (3, B_, nH, N, d)
-        q, k, v = qkv.unbind(0)
+        qkv = linear(x, self.qkv.weight, bias).reshape(B_, N, 3, nH, C // nH)
+        normalized = self._normalize_in_place(qkv)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B_, nH, N, d) each
 
         rel = self.relative_bias(window)  # (nH, N, N) or None
         chunk = self.windows_per_chunk(B_, N, q.dtype)
         if chunk < B_:
-            x = self._sequential(q, k, v, rel, mask, chunk)
+            x = self._sequential(q, k, v, rel, mask, chunk, normalized)
         else:
-            x = self._attend(q, k, v, rel, mask)
+            x = self._attend(q, k, v, rel, mask, normalized)
         x = x.transpose(1, 2).reshape(B_, N, C)  # (B_, N, C)
         return self.proj_drop(apply_linear(self.proj, x))
 
-    def _attend(self, q, k, v, rel, mask) -> torch.Tensor:
-        return self._fused(q, k, v, rel, mask) if self.fused_attn else self._reference(q, k, v, rel, mask)
+    def _normalize_in_place(self, qkv: torch.Tensor) -> bool:
+        """On the fused cosine path without gradients: scale q and k to unit length (q also by
+        the clamped logit scale) inside ``qkv`` (B_, N, 3, nH, d), this call's own buffer, and
+        return True. One norm over q and k together in their stored order and one multiply,
+        measured 1.4-2x faster than normalising the (B_, nH, N, d) views one by one. Where the
+        scale's dtype differs from qkv's (autocast), or with gradients, returns False and
+        :meth:`_fused` normalises instead."""
+        if not (self.fused_attn and self.attn_type == "cosine") or torch.is_grad_enabled():
+            return False
+        scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
+        if scale.dtype != qkv.dtype:
+            return False
+        qk = qkv[:, :, :2]  # (B_, N, 2, nH, d)
+        factor = torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min_(NORM_EPS).reciprocal_()
+        factor[:, :, 0].mul_(scale.view(-1, 1))  # q's rows: scale / ||q||
+        qk.mul_(factor)
+        return True
+
+    def _attend(self, q, k, v, rel, mask, normalized: bool = False) -> torch.Tensor:
+        if self.fused_attn:
+            return self._fused(q, k, v, rel, mask, normalized)
+        return self._reference(q, k, v, rel, mask)
 
     def windows_per_chunk(self, num_windows: int, N: int, dtype: torch.dtype) -> int:
         """How many of ``num_windows`` windows of ``N`` tokens one attention call takes."""
@@ -506,7 +528,7 @@ class WindowAttention(nn.Module):
         per_window = SCORE_TENSORS * self.num_heads * N * N * torch.finfo(dtype).bits // 8
         return max(1, int(budget * 2**20 // per_window))
 
-    def _sequential(self, q, k, v, rel, mask, chunk: int) -> torch.Tensor:
+    def _sequential(self, q, k, v, rel, mask, chunk: int, normalized: bool = False) -> torch.Tensor:
         """The attention of :meth:`_attend`, ``chunk`` windows at a time. (B_, nH, N, d) each
         -> (B_, nH, N, d).
 
@@ -521,7 +543,7 @@ class WindowAttention(nn.Module):
         for start in range(0, B_, chunk):
             end = min(start + chunk, B_)
             m = None if mask is None else _mask_rows(mask, start, end - start)  # (nW | end-start, N, N)
-            args = (q[start:end], k[start:end], v[start:end], rel, m)
+            args = (q[start:end], k[start:end], v[start:end], rel, m, normalized)
             if torch.is_grad_enabled():
                 outs.append(checkpoint(self._attend, *args, use_reentrant=False))
             else:
@@ -545,30 +567,27 @@ class WindowAttention(nn.Module):
         attn = self.attn_drop(attn.softmax(dim=-1))
         return attn @ v
 
-    def _fused(self, q, k, v, rel, mask) -> torch.Tensor:
+    def _fused(self, q, k, v, rel, mask, normalized: bool = False) -> torch.Tensor:
         """The same attention in fewer, fused kernels: the cosine normalisation and the
-        clamped logit scale (or 1/sqrt(d)) are folded into q and k, and position bias plus
-        mask become one additive term. (B_, nH, N, d) each -> (B_, nH, N, d)."""
+        clamped logit scale (or 1/sqrt(d)) are folded into q and k (already done when
+        ``normalized``), and position bias plus mask become one additive term.
+        (B_, nH, N, d) each -> (B_, nH, N, d)."""
         B_, nH, N, d = q.shape
         # Decided on the dtype q arrives in (the autocast dtype): a float32 logit scale
         # would promote it below, so the kernel's scale is cast to q's dtype instead. Only
         # with gradients: without, scaled_dot_product_attention measured ~4% faster.
         matmul = q.device.type == "cpu" and q.dtype in self.cpu_matmul_dtypes and torch.is_grad_enabled()
-        if self.attn_type == "cosine":
+        if self.attn_type != "cosine":
+            q = q * d**-0.5
+        elif not normalized:
             scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
             if torch.is_grad_enabled():
+                # (the form whose kept tensors the memory estimate counts)
                 q = F.normalize(q, dim=-1) * (scale.to(q.dtype) if matmul else scale)
                 k = F.normalize(k, dim=-1)
-            else:
-                # One pass over q instead of two (the scale joins the reciprocal norm), and in
-                # place: q and k are views of this call's own qkv output. Only without
-                # gradients, where nothing is kept for backward; with them the form above
-                # keeps the tensors that the memory estimate counts.
-                factor = scale / _norm(q)  # (B_, nH, N, 1)
-                q = q.mul_(factor) if factor.dtype == q.dtype else q * factor  # (autocast: promoted)
-                k = k.div_(_norm(k))
-        else:
-            q = q * d**-0.5
+            else:  # autocast: q is promoted to the scale's dtype, as with gradients
+                q = q * (scale / _norm(q))
+                k = k / _norm(k)
         bias = None if rel is None else rel.unsqueeze(0).to(q.dtype)  # (1, nH, N, N)
         if mask is not None:
             m = mask[:, None].to(q.dtype)  # (nW, 1, N, N)
@@ -583,8 +602,8 @@ class WindowAttention(nn.Module):
 
 
 def _norm(t: torch.Tensor) -> torch.Tensor:
-    """||t|| over the last dim, at least 1e-12 (F.normalize's floor), kept as a size-1 dim."""
-    return torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min(1e-12)
+    """||t|| over the last dim, at least F.normalize's floor, kept as a size-1 dim."""
+    return torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
 
 def _matmul_attention(q, k, v, bias, drop: float, training: bool) -> torch.Tensor:
