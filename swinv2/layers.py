@@ -72,10 +72,10 @@ def _onednn_runs(dtype: torch.dtype) -> bool:
     if dtype not in _onednn_dtypes:
         ok = False
         try:
-            gen = torch.Generator().manual_seed(0)
-            x = torch.randn(5, 7, generator=gen).to(dtype)
-            w = torch.randn(3, 7, generator=gen).to(dtype)
-            b = torch.randn(3, generator=gen).to(dtype)
+            gen = torch.Generator().manual_seed(0)  # (on the CPU whatever the default device)
+            x = torch.randn(5, 7, generator=gen, device="cpu").to(dtype)
+            w = torch.randn(3, 7, generator=gen, device="cpu").to(dtype)
+            b = torch.randn(3, generator=gen, device="cpu").to(dtype)
             with torch.no_grad():
                 got = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "").float()
                 want = F.linear(x.float(), w.float(), b.float())
@@ -132,11 +132,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _inner_product(x, weight, None if bias is None else bias.to(dtype), gelu)
 
 
+def unhooked(*modules: nn.Module) -> bool:
+    """No forward hooks on these modules, nor global ones: nothing watches their outputs."""
+    from torch.nn.modules import module as _module
+
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def apply_linear(module: nn.Module, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
     """``module(x)`` (then the exact GELU when ``gelu``) for a model's Linear layer, through
     :func:`linear` when the module is a plain ``nn.Linear`` without hooks; anything else (a
     subclass, a wrapped or quantised layer, a hooked one) is called as it is."""
-    if type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks):
+    if type(module) is nn.Linear and unhooked(module):
         return linear(x, module.weight, module.bias, gelu)
     y = module(x)
     return F.gelu(y) if gelu else y

@@ -31,6 +31,7 @@ from .layers import (
     resize_bias_table,
     shifted_window_order,
     to_2tuple,
+    unhooked,
     window_partition,
     window_reverse,
 )
@@ -118,12 +119,12 @@ class SwinTransformerV2Block(nn.Module):
                 self._order_cache[key] = tuple(t.to(device) for t in shifted_window_order(resolution, window, shift))
         return self._order_cache[key]
 
-    def _add_branch(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-        """``x + branch`` for a res-post-norm branch (a LayerNorm's output, or that output
-        scaled by stochastic depth). Without gradients the sum goes into the branch's own
-        buffer, which nothing else holds: the same values (addition commutes), one large
-        allocation less per branch."""
-        if (not torch.is_grad_enabled() and type(self.norm1) is nn.LayerNorm and type(self.norm2) is nn.LayerNorm
+    def _add_branch(self, x: torch.Tensor, branch: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """``x + branch`` for a res-post-norm branch (``norm``'s output, or that output scaled
+        by stochastic depth). Without gradients, and when ``norm`` is a plain LayerNorm that no
+        hook watches, the sum goes into the branch's own buffer, which nothing else holds: the
+        same values (addition commutes), one large allocation less per branch."""
+        if (not torch.is_grad_enabled() and type(norm) is nn.LayerNorm and unhooked(norm, self.drop_path)
                 and branch.shape == x.shape and branch.dtype == x.dtype):
             return branch.add_(x)
         return x + branch
@@ -133,8 +134,8 @@ class SwinTransformerV2Block(nn.Module):
         attend = lambda t: self._window_attention(t, window, shift, mask)  # noqa: E731
         p = self.norm_placement
         if p == "res_post":
-            x = self._add_branch(x, self.drop_path(self.norm1(attend(x))))
-            x = self._add_branch(x, self.drop_path(self.norm2(self.mlp(x))))
+            x = self._add_branch(x, self.drop_path(self.norm1(attend(x))), self.norm1)
+            x = self._add_branch(x, self.drop_path(self.norm2(self.mlp(x))), self.norm2)
         elif p == "pre":
             x = x + self.drop_path(attend(self.norm1(x)))
             x = x + self.drop_path(self.mlp(self.norm2(x)))

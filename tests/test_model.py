@@ -492,6 +492,31 @@ def test_inference_leaves_its_inputs_and_earlier_outputs_alone():
     assert len(held) == 8 and all(torch.equal(o, snapshot) for o, snapshot in held)
     with_grad = model(x)
     assert rel_err(out, with_grad.detach()) < 1e-5
+    # a hook that keeps a branch norm's output (activation capture) sees it unchanged too
+    norms = []
+    model.layers[0].blocks[1].norm1.register_forward_hook(lambda m, i, o: norms.append((o, o.clone())))
+    model.layers[2].blocks[0].norm2.register_forward_hook(lambda m, i, o: norms.append((o, o.clone())))
+    with torch.no_grad():
+        assert torch.equal(model(x), out)
+    assert len(norms) == 2 and all(torch.equal(o, snapshot) for o, snapshot in norms)
+
+
+def test_global_module_hooks_see_every_linear():
+    from torch.nn.modules.module import register_module_forward_hook
+
+    model = debug_model(seed=12).eval()
+    seen = set()
+    handle = register_module_forward_hook(lambda m, i, o: seen.add(m) if isinstance(m, torch.nn.Linear) else None)
+    try:
+        with torch.no_grad():
+            model(_randn(1, 3, 32, 32))
+    finally:
+        handle.remove()
+    # qkv is applied through its weight (as in the official code); every other Linear is called
+    expected = {m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("qkv")
+                and "cpb_mlp" not in n}
+    assert len(expected) == 8 * 3 + 3 + 1  # proj, fc1, fc2 per block; 3 reductions; the head
+    assert expected <= seen, sorted(n for n, m in model.named_modules() if m in expected - seen)
 
 
 def test_onednn_linear_under_bfloat16_autocast():
