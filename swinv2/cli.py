@@ -104,10 +104,12 @@ def cmd_bench(args) -> int:
     text = bench.report_markdown(env, command, rows, rates)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"{env['date'][:10]}-{args.model}-{args.device.split(':')[0]}")
-        if os.path.exists(stem + ".md") or os.path.exists(stem + ".json"):  # keep the day's earlier report
-            stem = os.path.join(args.out, f"{env['date'][:10]}-{env['date'][11:16].replace(':', '')}-"
-                                f"{args.model}-{args.device.split(':')[0]}")
+        name = f"{args.model}-{args.device.split(':')[0]}"
+        day, hhmm = env["date"][:10], env["date"][11:16].replace(":", "")
+        stem, n = os.path.join(args.out, f"{day}-{name}"), 1
+        while os.path.exists(stem + ".md") or os.path.exists(stem + ".json"):  # keep earlier reports
+            n += 1
+            stem = os.path.join(args.out, f"{day}-{hhmm}{'' if n == 2 else f'-{n - 1}'}-{name}")
         with open(stem + ".md", "w") as f:
             f.write(text)
         with open(stem + ".json", "w") as f:

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_hooks
 from torch.utils.checkpoint import checkpoint
 
 Size2 = tuple[int, int]
@@ -97,6 +98,8 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None
         return None
     if type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, nn.Parameter):
         return None
+    if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        return None  # F.linear says what is wrong; oneDNN's error names no shapes
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return None
     if getattr(torch.compiler, "is_exporting", lambda: False)():
@@ -134,9 +137,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def unhooked(*modules: nn.Module) -> bool:
     """No forward hooks on these modules, nor global ones: nothing watches their outputs."""
-    from torch.nn.modules import module as _module
-
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+    if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks:
         return False
     return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
@@ -504,6 +505,10 @@ class WindowAttention(nn.Module):
         x = x.transpose(1, 2).reshape(B_, N, C)  # (B_, N, C)
         return self.proj_drop(apply_linear(self.proj, x))
 
+    def logit_scale_value(self) -> torch.Tensor:
+        """The per-head factor of the cosine similarities: exp(logit_scale) clamped at 100."""
+        return torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
+
     def _normalize_in_place(self, qkv: torch.Tensor) -> bool:
         """On the fused cosine path without gradients: scale q and k to unit length (q also by
         the clamped logit scale) inside ``qkv`` (B_, N, 3, nH, d), this call's own buffer, and
@@ -513,7 +518,7 @@ class WindowAttention(nn.Module):
         :meth:`_fused` normalises instead."""
         if not (self.fused_attn and self.attn_type == "cosine") or torch.is_grad_enabled():
             return False
-        scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
+        scale = self.logit_scale_value()  # (nH, 1, 1)
         if scale.dtype != qkv.dtype:
             return False
         qk = qkv[:, :, :2]  # (B_, N, 2, nH, d)
@@ -564,7 +569,7 @@ class WindowAttention(nn.Module):
         B_, nH, N, _ = q.shape
         if self.attn_type == "cosine":
             attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)  # (B_, nH, N, N)
-            attn = attn * torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
+            attn = attn * self.logit_scale_value()
         else:
             attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B_, nH, N, N)
         if rel is not None:
@@ -588,15 +593,10 @@ class WindowAttention(nn.Module):
         matmul = q.device.type == "cpu" and q.dtype in self.cpu_matmul_dtypes and torch.is_grad_enabled()
         if self.attn_type != "cosine":
             q = q * d**-0.5
-        elif not normalized:
-            scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
-            if torch.is_grad_enabled():
-                # (the form whose kept tensors the memory estimate counts)
-                q = F.normalize(q, dim=-1) * (scale.to(q.dtype) if matmul else scale)
-                k = F.normalize(k, dim=-1)
-            else:  # autocast: q is promoted to the scale's dtype, as with gradients
-                q = q * (scale / _norm(q))
-                k = k / _norm(k)
+        elif not normalized:  # with gradients (the memory estimate counts these tensors), or autocast
+            scale = self.logit_scale_value()
+            q = F.normalize(q, dim=-1) * (scale.to(q.dtype) if matmul else scale)
+            k = F.normalize(k, dim=-1)
         bias = None if rel is None else rel.unsqueeze(0).to(q.dtype)  # (1, nH, N, N)
         if mask is not None:
             m = mask[:, None].to(q.dtype)  # (nW, 1, N, N)
@@ -608,11 +608,6 @@ class WindowAttention(nn.Module):
             # The fused kernel takes one additive term per (window, head): expand over the batch.
             bias = bias.expand(B_ // bias.shape[0], bias.shape[0], nH, N, N).reshape(B_, nH, N, N)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop, scale=1.0)
-
-
-def _norm(t: torch.Tensor) -> torch.Tensor:
-    """||t|| over the last dim, at least F.normalize's floor, kept as a size-1 dim."""
-    return torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
 
 def _matmul_attention(q, k, v, bias, drop: float, training: bool) -> torch.Tensor:

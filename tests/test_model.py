@@ -471,6 +471,13 @@ def test_onednn_linear_only_in_inference(monkeypatch):
         assert layers._onednn_applies(x, w.detach()) is None
 
 
+def test_linear_with_mismatched_sizes_names_the_shapes():
+    from swinv2 import layers
+
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"3x7 and 8x5"):
+        layers.linear(torch.randn(3, 7), torch.randn(5, 8), torch.randn(5), gelu=True)
+
+
 class _Sub(torch.Tensor):
     pass
 
