@@ -106,6 +106,11 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None
         return None
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Distributed processes (DDP, FSDP, ZeRO) keep F.linear: one 2-process FSDP run on a
+        # heavily loaded machine aborted with heap corruption while this path was on (not
+        # reproduced in reruns); until that is understood they stay on the common kernel.
+        return None
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
     elif x.dtype == weight.dtype:

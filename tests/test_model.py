@@ -471,6 +471,22 @@ def test_onednn_linear_only_in_inference(monkeypatch):
         assert layers._onednn_applies(x, w.detach()) is None
 
 
+def test_distributed_processes_keep_f_linear(tmp_path):
+    import torch.distributed as dist
+
+    from swinv2 import layers
+
+    x, w = torch.randn(4, 8), torch.randn(5, 8)
+    with torch.no_grad():
+        before = layers._onednn_applies(x, w)
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+        try:
+            assert layers._onednn_applies(x, w) is None
+        finally:
+            dist.destroy_process_group()
+        assert layers._onednn_applies(x, w) == before
+
+
 def test_linear_with_mismatched_sizes_names_the_shapes():
     from swinv2 import layers
 
