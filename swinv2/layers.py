@@ -480,11 +480,12 @@ class WindowAttention(nn.Module):
     def _relative_bias(self, window: Size2) -> torch.Tensor:
         N = window[0] * window[1]
         table = self.bias_table(window)
-        index = self._cached("index", window, table.device)
-        bias = table[index.view(-1)].view(N, N, -1).permute(2, 0, 1)  # (nH, N, N)
         if self.position_bias != "table":
-            bias = 16 * torch.sigmoid(bias)  # bounded to (0, 16) (paper §3.4)
-        return bias
+            # bounded to (0, 16) (paper §3.4); element-wise, so applied to the table's
+            # (2wh-1)(2ww-1) rows before the gather rather than to the N^2 gathered ones
+            table = 16 * torch.sigmoid(table)
+        index = self._cached("index", window, table.device)
+        return table[index.view(-1)].view(N, N, -1).permute(2, 0, 1)  # (nH, N, N)
 
     # -- attention ---------------------------------------------------------------------
 
@@ -497,9 +498,9 @@ class WindowAttention(nn.Module):
         bias = None
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = linear(x, self.qkv.weight, bias).reshape(B_, N, 3, nH, C // nH)
-        normalized = self._normalize_in_place(qkv)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B_, nH, N, d) each
+        # 2-D, so that qkv is the GEMM's own output rather than a view of it (see _CosineQK)
+        qkv, normalized = self._normalize_qk(linear(x.reshape(B_ * N, C), self.qkv.weight, bias))  # (B_*N, 3C)
+        q, k, v = qkv.view(B_, N, 3, nH, C // nH).permute(2, 0, 3, 1, 4).unbind(0)  # (B_, nH, N, d) each
 
         rel = self.relative_bias(window)  # (nH, N, N) or None
         chunk = self.windows_per_chunk(B_, N, q.dtype)
@@ -514,23 +515,26 @@ class WindowAttention(nn.Module):
         """The per-head factor of the cosine similarities: exp(logit_scale) clamped at 100."""
         return torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
 
-    def _normalize_in_place(self, qkv: torch.Tensor) -> bool:
-        """On the fused cosine path without gradients: scale q and k to unit length (q also by
-        the clamped logit scale) inside ``qkv`` (B_, N, 3, nH, d), this call's own buffer, and
-        return True. One norm over q and k together in their stored order and one multiply,
-        measured 1.4-2x faster than normalising the (B_, nH, N, d) views one by one. Where the
-        scale's dtype differs from qkv's (autocast), or with gradients, returns False and
-        :meth:`_fused` normalises instead."""
-        if not (self.fused_attn and self.attn_type == "cosine") or torch.is_grad_enabled():
-            return False
+    def _normalize_qk(self, qkv: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """On the fused cosine path: scale q and k of ``qkv`` (B_*N, 3C, this call's own
+        buffer) to unit length, q also by the clamped logit scale, in place, and return it with
+        True. One norm over q and k together in their stored order and one multiply, measured
+        1.4-2x faster than normalising the (B_, nH, N, d) views one by one. With gradients this
+        goes through :class:`_CosineQK`, whose backward is a few passes instead of the chain of
+        ``F.normalize`` and the scale. Where the scale's dtype differs from qkv's (autocast), or
+        under compile or tracing (which fuse the reference form themselves), returns ``qkv`` as
+        it is with False, and :meth:`_fused` normalises instead."""
+        if not (self.fused_attn and self.attn_type == "cosine"):
+            return qkv, False
         scale = self.logit_scale_value()  # (nH, 1, 1)
         if scale.dtype != qkv.dtype:
-            return False
-        qk = qkv[:, :, :2]  # (B_, N, 2, nH, d)
-        factor = torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min_(NORM_EPS).reciprocal_()
-        factor[:, :, 0].mul_(scale.view(-1, 1))  # q's rows: scale / ||q||
-        qk.mul_(factor)
-        return True
+            return qkv, False
+        if torch.is_grad_enabled():
+            if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+                return qkv, False
+            return _CosineQK.apply(qkv, scale, self.num_heads), True
+        _scale_qk_(qkv, scale, self.num_heads)
+        return qkv, True
 
     def _attend(self, q, k, v, rel, mask, normalized: bool = False) -> torch.Tensor:
         if self.fused_attn:
@@ -598,7 +602,7 @@ class WindowAttention(nn.Module):
         matmul = q.device.type == "cpu" and q.dtype in self.cpu_matmul_dtypes and torch.is_grad_enabled()
         if self.attn_type != "cosine":
             q = q * d**-0.5
-        elif not normalized:  # with gradients (the memory estimate counts these tensors), or autocast
+        elif not normalized:  # autocast, compile, tracing, or the reference
             scale = self.logit_scale_value()
             q = F.normalize(q, dim=-1) * (scale.to(q.dtype) if matmul else scale)
             k = F.normalize(k, dim=-1)
@@ -613,6 +617,66 @@ class WindowAttention(nn.Module):
             # The fused kernel takes one additive term per (window, head): expand over the batch.
             bias = bias.expand(B_ // bias.shape[0], bias.shape[0], nH, N, N).reshape(B_, nH, N, N)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop, scale=1.0)
+
+
+def _qk_view(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The q and k of ``qkv`` (M, 3C) as an (M, 2, nH, d) view."""
+    M, C3 = qkv.shape
+    return qkv.view(M, 3, num_heads, C3 // (3 * num_heads))[:, :2]
+
+
+def _scale_qk_(qkv: torch.Tensor, scale: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale q and k of ``qkv`` (M, 3C) in place to ``scale``/||q|| and 1/||k|| (norms
+    floored at NORM_EPS, as F.normalize does); return their norms and the factors applied,
+    both (M, 2, nH, 1)."""
+    qk = _qk_view(qkv, num_heads)
+    norm = torch.linalg.vector_norm(qk, dim=-1, keepdim=True)
+    factor = norm.clamp_min(NORM_EPS).reciprocal_()
+    factor[:, 0].mul_(scale.view(-1, 1))  # q's rows: scale / ||q||
+    qk.mul_(factor)
+    return norm, factor
+
+
+class _CosineQK(torch.autograd.Function):
+    """:func:`_scale_qk_` with a hand-written backward, for training.
+
+    For a row ``y = c x / max(||x||, eps)`` (``c`` the head's scale for q, 1 for k) the
+    gradient is ``dx = f (g - y <g, y> / c^2)`` with ``f = c / ||x||``, and just ``f g`` where
+    the floor is active; ``dc`` sums ``<g, y> / c`` over q's rows. That is one reduction and
+    two element-wise passes over q and k, where autograd through ``F.normalize`` and the
+    scale takes about ten; v's gradient passes through. q and k are scaled inside qkv (the
+    Linear's output, which its backward does not need), so no second copy is kept: the
+    attention kernel's q and k are views of the tensor saved here.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, scale, num_heads):
+        norm, factor = _scale_qk_(qkv, scale, num_heads)
+        ctx.mark_dirty(qkv)
+        ctx.save_for_backward(qkv, norm, factor, scale)
+        ctx.num_heads = num_heads
+        return qkv
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, norm, factor, scale = ctx.saved_tensors
+        nH = ctx.num_heads
+        g = grad.reshape(y.shape)
+        y_qk, g_qk = _qk_view(y, nH), _qk_view(g, nH)
+        dot = (g_qk * y_qk).sum(-1, keepdim=True)  # <g, y> per row: (M, 2, nH, 1)
+        inv_c2 = torch.ones(2, nH, 1, dtype=y.dtype, device=y.device)
+        inv_c2[0] = scale.view(nH, 1).square().reciprocal()
+        coef = (dot * inv_c2).masked_fill_(norm < NORM_EPS, 0.0)
+        out = torch.empty_like(y)
+        out_qk = _qk_view(out, nH)
+        torch.addcmul(g_qk, y_qk, coef, value=-1.0, out=out_qk)
+        out_qk.mul_(factor)
+        M, C3 = y.shape
+        out.view(M, 3, -1)[:, 2].copy_(g.reshape(M, 3, -1)[:, 2])
+        dscale = None
+        if ctx.needs_input_grad[1]:
+            dscale = (dot[:, 0].sum(0) / scale.view(nH, 1)).view_as(scale)
+        return out, dscale, None
 
 
 def _matmul_attention(q, k, v, bias, drop: float, training: bool) -> torch.Tensor:

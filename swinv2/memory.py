@@ -34,10 +34,13 @@ OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1}  # fp32 tensors per paramet
 # of the fused paths (tests/test_memory.py checks them against saved_tensors_hooks):
 # on the feature map: fc1 input 1, GELU input 4, fc2 input 4, norm2 input 1;
 _MAP_TC = 10
-# on the padded windows: qkv input 1, qkv output 3, scaled q 1, the attention kernel's q, k, v 3,
-# proj input 1, and norm1's input (a cropped view of the padded map) 1; with sequential
-# attention each chunk is recomputed, keeping none of the kernel's 4.
+# on the padded windows: qkv input 1, qkv output 3, a scaled copy of q 1, the attention kernel's
+# q, k, v 3, proj input 1, and norm1's input (a cropped view of the padded map) 1; with
+# sequential attention each chunk is recomputed, keeping none of the kernel's 4. Cosine attention
+# in float32 normalises q and k inside qkv (layers._CosineQK): no scaled copy, and their norms are
+# kept even with sequential attention, which chunks after the normalisation.
 _WINDOW_TC = 10
+_WINDOW_TC_IN_PLACE = 9
 _WINDOW_TC_SEQUENTIAL = 6
 # Score-sized tensors (windows x heads x N x N) a block keeps: the probabilities.
 _SAVED_SCORES = 1
@@ -218,6 +221,7 @@ def estimate_training_memory(
     # Embedding: the conv keeps the image (as a 2-byte copy under autocast), the LayerNorm its input.
     embed = B * config.get("in_chans", 3) * ih * iw * s + B * h * w * C0 * s
     per_block: list[tuple[int, int, int, int, int]] = []  # (stage, saved, workspace, scores alive, grads)
+    in_place = dtype == "fp32" and config.get("attn_type", "cosine") == "cosine"
     stage_acts, max_scores, masks = [], 0, 0
     depths, heads = config["depths"], config["num_heads"]
     block_params = _block_param_bytes(config)
@@ -229,15 +233,17 @@ def estimate_training_memory(
         T, Tp = B * h * w, B * Hp * Wp
         n_windows = Tp // N
         S = n_windows * nH * N * N  # score elements of one batched attention call
+        batched_tc = _WINDOW_TC_IN_PLACE if in_place else _WINDOW_TC
         if i in seq:
             chunk = seq[i] or max(1, int(budget * MiB // (SCORE_TENSORS * nH * N * N * s)))
             S_alive = min(chunk, n_windows) * nH * N * N
-            window_tc = _WINDOW_TC_SEQUENTIAL if chunk < n_windows else _WINDOW_TC
-            saved_scores = 0 if chunk < n_windows else _SAVED_SCORES * S
+            chunked = chunk < n_windows
+            window_tc = _WINDOW_TC_SEQUENTIAL if chunked else batched_tc
+            saved_scores = 0 if chunked else _SAVED_SCORES * S
         else:
-            S_alive, window_tc, saved_scores = S, _WINDOW_TC, _SAVED_SCORES * S
+            chunked, S_alive, window_tc, saved_scores = False, S, batched_tc, _SAVED_SCORES * S
         cpb = (2 * wh - 1) * (2 * ww - 1) * config.get("cpb_hidden_dim", 512)
-        rows = n_windows * nH * N if window_tc == _WINDOW_TC else 0  # q, k norms: recomputed in chunks
+        rows = n_windows * nH * N if (in_place or not chunked) else 0  # q, k norms (recomputed in chunks)
         full = block_saved_bytes(T, Tp, c, rows, saved_scores, cpb, s, window_tc)
         # Cached fp32 masks of the stage (shifted blocks; with padding, unshifted ones too), one
         # window's rows per window of an image: large for big windows (1536 px, w32: 576 MiB).
