@@ -56,13 +56,18 @@ def to_2tuple(value, name: str = "value") -> Size2:
 # Linear layers
 # --------------------------------------------------------------------------------------
 
-# In CPU inference the model's Linear layers run on oneDNN's inner product (the kernel
-# torch.compile's CPU backend uses after freezing) instead of F.linear: on a 2-core AVX2 CPU
-# it measured 1.0-1.6x faster per GEMM shape of SwinV2-T, and it applies the MLP's exact (erf)
-# GELU in the GEMM's output pass, saving a read and a write of the 4C-wide hidden activation.
-# Inference only: the op has no backward, and a training step whose forward products ran on
-# oneDNN (backward on the usual matrix products) measured no faster. Same products, same
-# values (the tests compare against F.linear). Set False to always use F.linear.
+# On the CPU the model's Linear layers run on oneDNN's inner product (the kernel that
+# torch.compile's CPU backend uses after freezing) instead of F.linear's BLAS call.
+# - Inference: one call, with the MLP's exact (erf) GELU applied in the GEMM's output pass,
+#   saving a read and a write of the 4C-wide hidden activation. Measured 1.0-1.6x faster per
+#   GEMM shape of SwinV2-T on a 2-core AVX2 CPU, 1.3-2.5x on a 2-core AVX-512 one.
+# - Training: the op has no backward, so :class:`_OneDNNLinear` supplies one; the input's
+#   gradient is another inner product and the weight's gradient takes oneDNN or BLAS by shape
+#   (:func:`_weight_grad_on_onednn`). On the AVX-512 CPU the three products of SwinV2-T's
+#   training step measured 1.2-2.8x (forward and input gradient) and 1.0-2.3x (weight
+#   gradient where oneDNN is taken) faster than BLAS's.
+# Same products, same values to float32 rounding (the tests compare against F.linear and
+# float64). Set False to always use F.linear.
 ONEDNN_LINEAR = True
 _onednn_dtypes: dict = {}  # dtype -> whether oneDNN's inner product runs (and agrees) here
 
@@ -128,16 +133,70 @@ def _inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+# The weight gradient g^T x of an (M, K) -> (M, N) layer sums over the M tokens. oneDNN's
+# inner product computes it faster than BLAS where both K and N are at least this wide, and
+# BLAS is faster (up to 3.5x) where either is narrower (stage 0 of the T/S/B sizes, C = 96 or
+# 128): 2-core AVX-512 CPU, SwinV2-T at batch 8 and 32.
+ONEDNN_WEIGHT_GRAD_MIN_WIDTH = 192
+
+
+def _weight_grad_on_onednn(K: int, N: int) -> bool:
+    return min(K, N) >= ONEDNN_WEIGHT_GRAD_MIN_WIDTH
+
+
+def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``grad.T @ x`` for grad (M, N) and x (M, K): the (N, K) weight gradient."""
+    N, K = grad.shape[1], x.shape[1]
+    if not _weight_grad_on_onednn(K, N):
+        return grad.t().mm(x)
+    if N <= K:  # (N, M) x (K, M)^T: the wider operand is the kernel's weight
+        return _inner_product(grad.t(), x.t(), None)
+    return _inner_product(x.t(), grad.t(), None).t().contiguous()  # (K, N), transposed
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``F.linear`` on a 2-D input, with all three products on oneDNN's inner product where it
+    is faster (see ``ONEDNN_LINEAR``). Saves what F.linear's backward saves: the input and
+    the weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.bias_shape = None if bias is None else bias.shape
+        return _inner_product(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _inner_product(grad, weight.t().contiguous(), None)  # (M, N) x (N, K)
+        if ctx.needs_input_grad[1]:
+            dw = _weight_grad(grad, x)
+        if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
+            db = grad.sum(0)
+        return dx, dw, db
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            gelu: bool = False) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, followed by the exact GELU when ``gelu``; in CPU
-    inference on oneDNN with the GELU fused in (see ``ONEDNN_LINEAR``)."""
-    dtype = None if torch.is_grad_enabled() else _onednn_applies(x, weight)
+    """``F.linear(x, weight, bias)``, followed by the exact GELU when ``gelu``; on the CPU
+    through oneDNN's inner product (see ``ONEDNN_LINEAR``), with the GELU fused in when no
+    gradient is needed."""
+    dtype = _onednn_applies(x, weight)
     if dtype is None:
         y = F.linear(x, weight, bias)
         return F.gelu(y) if gelu else y
     x, weight = x.to(dtype), weight.to(dtype)
-    return _inner_product(x, weight, None if bias is None else bias.to(dtype), gelu)
+    bias = None if bias is None else bias.to(dtype)
+    if not torch.is_grad_enabled():
+        return _inner_product(x, weight, bias, gelu)
+    if x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad):
+        y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+    else:
+        y = _inner_product(x, weight, bias)
+    return F.gelu(y) if gelu else y
 
 
 def unhooked(*modules: nn.Module) -> bool:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import randomize_, rel_err
 
 import swinv2
@@ -522,24 +523,78 @@ def test_onednn_linear_equals_f_linear(case, gelu):
     assert rel_err(got, want) < 1e-6
 
 
-def test_onednn_linear_only_in_inference(monkeypatch):
+@needs_onednn
+@pytest.mark.parametrize("gelu", [False, True], ids=["plain", "gelu"])
+@pytest.mark.parametrize("case", ["3d", "wide-out", "wide-in", "narrow", "strided", "no-bias", "frozen-weight"])
+def test_onednn_linear_gradients_equal_float64(monkeypatch, case, gelu):
+    """With gradients the forward product, the input's gradient and (by shape) the weight's
+    run on oneDNN: every gradient matches float64 as closely as F.linear's does."""
+    from swinv2 import layers
+
+    K, N = {"wide-out": (200, 256), "wide-in": (256, 200), "narrow": (96, 288)}.get(case, (24, 40))
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 70, K, generator=gen)
+    if case == "strided":
+        x = torch.randn(3, 210, K, generator=gen)[:, ::3]
+    w, b = torch.randn(N, K, generator=gen) / K**0.5, torch.randn(N, generator=gen)
+    g = torch.randn(3, 70, N, generator=gen)
+    calls = []
+    inner = layers._inner_product
+    monkeypatch.setattr(layers, "_inner_product", lambda *a, **k: calls.append(a[0].shape) or inner(*a, **k))
+
+    def grads(fn, dtype):
+        xs = x.to(dtype, copy=True).requires_grad_()
+        ws = w.to(dtype, copy=True).requires_grad_(case != "frozen-weight")
+        bs = None if case == "no-bias" else b.to(dtype, copy=True).requires_grad_()
+        fn(xs, ws, bs).backward(g.to(dtype))
+        return [t.grad for t in (xs, ws, bs) if t is not None and t.requires_grad]
+
+    def plain(xs, ws, bs):
+        y = F.linear(xs, ws, bs)
+        return F.gelu(y) if gelu else y
+
+    got = grads(lambda *a: layers.linear(*a, gelu=gelu), torch.float32)
+    onednn_weight_grad = layers._weight_grad_on_onednn(K, N) and case != "frozen-weight"
+    assert len(calls) == 2 + onednn_weight_grad  # forward, input gradient, weight gradient
+    truth = grads(plain, torch.float64)
+    blas = grads(plain, torch.float32)
+    assert len(got) == len(truth) == (2 if case in ("no-bias", "frozen-weight") else 3)
+    for a, ref, t in zip(got, blas, truth):
+        assert a.dtype == torch.float32 and a.shape == t.shape
+        assert rel_err(a, t) < max(3 * rel_err(ref, t), 1e-6)
+
+
+def test_onednn_linear_weight_gradient_orientations():
+    """The weight gradient takes BLAS for narrow layers and one of two oneDNN orientations
+    otherwise; all three equal float64."""
+    from swinv2 import layers
+
+    gen = torch.Generator().manual_seed(6)
+    for K, N in ((96, 288), (384, 192), (192, 576)):
+        grad, x = torch.randn(500, N, generator=gen), torch.randn(500, K, generator=gen)
+        got = layers._weight_grad(grad, x)
+        assert got.shape == (N, K) and got.is_contiguous()
+        assert rel_err(got, grad.double().t() @ x.double()) < 1e-6
+    assert not layers._weight_grad_on_onednn(96, 288) and layers._weight_grad_on_onednn(192, 576)
+
+
+def test_onednn_linear_steps_aside(monkeypatch):
     from swinv2 import layers
 
     x, w = torch.randn(6, 8), torch.randn(5, 8, requires_grad=True)
-
-    def refuse(*args):
-        raise AssertionError("oneDNN's inner product has no backward")
-
-    with monkeypatch.context() as m:  # with gradients: F.linear, which has a backward
-        m.setattr(layers, "_inner_product", refuse)
-        layers.linear(x, w, gelu=True).sum().backward()
-    assert w.grad is not None and w.grad.abs().sum() > 0
     with torch.no_grad():
         assert layers._onednn_applies(x, w.detach().double()) is None  # mixed dtypes
         assert layers._onednn_applies(x.double(), w.detach().double()) is None  # float64
         assert layers._onednn_applies(x.as_subclass(_Sub), w.detach()) is None  # subclasses: F.linear
-        monkeypatch.setattr(layers, "ONEDNN_LINEAR", False)
-        assert layers._onednn_applies(x, w.detach()) is None
+    monkeypatch.setattr(layers, "ONEDNN_LINEAR", False)
+
+    def refuse(*args):
+        raise AssertionError("switched off")
+
+    monkeypatch.setattr(layers, "_inner_product", refuse)
+    assert layers._onednn_applies(x, w.detach()) is None
+    layers.linear(x, w, gelu=True).sum().backward()  # F.linear, forward and backward
+    assert w.grad is not None and w.grad.abs().sum() > 0
 
 
 def test_distributed_processes_keep_f_linear(tmp_path):
