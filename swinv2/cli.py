@@ -82,9 +82,10 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     env = bench.environment(args.device)
-    rates = {"fp32": bench.matmul_rate(torch.float32, args.device)}
+    kernels = {"fp32": bench.matmul_rates(torch.float32, args.device)}
     if "bf16" in args.dtype:
-        rates["bf16"] = bench.matmul_rate(torch.bfloat16, args.device)
+        kernels["bf16"] = bench.matmul_rates(torch.bfloat16, args.device)
+    rates = {k: max(v.values()) for k, v in kernels.items()}
     print("matmul rate: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()))
     rows = []
     for mode in args.mode:
@@ -101,7 +102,7 @@ def cmd_bench(args) -> int:
                     print(f"  {impl:<13} {r['images_per_s']:8.1f} img/s{ratio}")
                 rows.append(row)
     command = "swinv2 " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "swinv2 bench"
-    text = bench.report_markdown(env, command, rows, rates)
+    text = bench.report_markdown(env, command, rows, rates, kernels)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         name = f"{args.model}-{args.device.split(':')[0]}"
@@ -113,7 +114,8 @@ def cmd_bench(args) -> int:
         with open(stem + ".md", "w") as f:
             f.write(text)
         with open(stem + ".json", "w") as f:
-            json.dump(dict(environment=env, command=command, matmul_rate=rates, rows=rows), f, indent=1)
+            json.dump(dict(environment=env, command=command, matmul_rate=rates, matmul_kernels=kernels, rows=rows),
+                      f, indent=1)
         print(f"report: {stem}.md")
     else:
         print(text)
