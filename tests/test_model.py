@@ -668,6 +668,24 @@ def test_global_module_hooks_see_every_linear():
     assert expected <= seen, sorted(n for n, m in model.named_modules() if m in expected - seen)
 
 
+@needs_onednn
+def test_onednn_probe_ignores_the_callers_autocast(monkeypatch):
+    """The probe runs once, from whatever context calls first: inside bf16 autocast and
+    inference mode it must find what it finds outside (it once compared against an
+    autocast-bf16 reference there and turned oneDNN off for good)."""
+    from swinv2 import layers
+
+    outside = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        monkeypatch.setattr(layers, "_onednn_dtypes", {})
+        outside[dtype] = layers._onednn_runs(dtype)
+    assert outside[torch.float32]
+    for dtype in (torch.float32, torch.bfloat16):
+        monkeypatch.setattr(layers, "_onednn_dtypes", {})
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layers._onednn_runs(dtype) == outside[dtype]
+
+
 def test_onednn_linear_under_bfloat16_autocast():
     """Runs in bf16 as F.linear does under autocast: on oneDNN where this CPU multiplies bf16,
     on F.linear where it does not (the probe decides)."""
