@@ -281,6 +281,7 @@ def report_markdown(env: dict, command: str, rows: list[dict], rates: dict, kern
                                   if k in env)
         + (f", GPU {env['gpu']}" if "gpu" in env else ""),
         "Versions: " + ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "timm", "torchvision", "transformers")),
+        *([f"Allocator: {env['allocator']}"] if "allocator" in env else []),
         "",
         "Matrix-multiply rate measured in this run (2048^3): "
         + ", ".join(rate_text(k, v) for k, v in rates.items()),

@@ -82,6 +82,14 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     env = bench.environment(args.device)
+    if args.malloc == "keep" and not args.device.startswith("cuda"):
+        from .runtime import keep_freed_memory
+
+        kept = keep_freed_memory()
+        env["allocator"] = ("glibc, freed memory kept in the process for every implementation"
+                            " (swinv2.runtime.keep_freed_memory)" if kept else "not glibc: left as it is")
+    else:
+        env["allocator"] = "as the system sets it"
     kernels = {"fp32": bench.matmul_rates(torch.float32, args.device)}
     if "bf16" in args.dtype:
         kernels["bf16"] = bench.matmul_rates(torch.bfloat16, args.device)
@@ -246,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", action="store_true", help="also measure peak memory (one subprocess each)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--malloc", choices=["keep", "system"], default="keep",
+                   help="CPU: 'keep' (default) makes glibc keep freed memory for reuse, for every implementation "
+                        "alike, so that steps are not timed re-faulting their activations page by page "
+                        "(swinv2.runtime); 'system' leaves the allocator as it is")
     p.add_argument("--out", default="benchmarks", help="folder for the dated report ('' to print only)")
     p.set_defaults(func=cmd_bench)
 

@@ -1,5 +1,8 @@
 """swinv2 bench: the numbers it reports are computed correctly from what it measures."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -57,14 +60,50 @@ def test_matmul_rate_is_the_fastest_kernels():
 
 def test_cli_writes_a_dated_report(tmp_path, capsys):
     assert main(["bench", "--model", "swinv2_debug", "--img-size", "64", "--batch-size", "2", "--rounds", "2",
-                 "--impls", "swinv2", "--out", str(tmp_path)]) == 0
+                 "--impls", "swinv2", "--malloc", "system", "--out", str(tmp_path)]) == 0
     reports = list(tmp_path.glob("*-swinv2_debug-cpu.md"))
     assert len(reports) == 1 and (tmp_path / reports[0].name.replace(".md", ".json")).exists()
     text = reports[0].read_text()
     assert "Matrix-multiply rate" in text and "| swinv2 |" in text
+    assert "Allocator: as the system sets it" in text
     # later runs the same day (even the same minute) write beside the first report, not over it
     for _ in range(2):
         assert main(["bench", "--model", "swinv2_debug", "--img-size", "64", "--batch-size", "2", "--rounds", "1",
-                     "--impls", "swinv2", "--out", str(tmp_path)]) == 0
+                     "--impls", "swinv2", "--malloc", "system", "--out", str(tmp_path)]) == 0
     assert len(list(tmp_path.glob("*-swinv2_debug-cpu.md"))) == 3 and reports[0].read_text() == text
     assert len(list(tmp_path.glob("*-swinv2_debug-cpu.json"))) == 3
+
+
+_FAULTS = """
+import resource, sys, torch
+from swinv2.runtime import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else None
+def step():  # one 128 MiB block, above any mmap threshold
+    t = torch.empty(2**25)
+    t.fill_(1)
+    del t
+step(), step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(6):
+    step()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_keep_freed_memory_stops_refaulting_large_blocks():
+    """Freed 128 MiB blocks are faulted in again page by page (32k faults each) under
+    glibc's defaults, and mostly reused without a fault once freed memory is kept (the heap
+    may still grow once where small allocations split the freed block)."""
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
+        applied, count = out.stdout.split()
+        return applied, int(count)
+
+    applied, kept = faults("keep")
+    if applied != "True":
+        pytest.skip("not glibc")
+    _, system = faults("system")
+    block = 2**25 * 4 // 4096
+    assert system > 5 * block  # (nearly) every page of the six blocks
+    assert kept < 2 * block
