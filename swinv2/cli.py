@@ -254,10 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", action="store_true", help="also measure peak memory (one subprocess each)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    p.add_argument("--malloc", choices=["keep", "system"], default="keep",
-                   help="CPU: 'keep' (default) makes glibc keep freed memory for reuse, for every implementation "
-                        "alike, so that steps are not timed re-faulting their activations page by page "
-                        "(swinv2.runtime); 'system' leaves the allocator as it is")
+    p.add_argument("--malloc", choices=["system", "keep"], default="system",
+                   help="CPU: 'system' (default) leaves the allocator as it is, as users run; 'keep' makes glibc "
+                        "keep freed memory for reuse, for every implementation alike, so that steps are not timed "
+                        "re-faulting their activations page by page (swinv2.runtime)")
     p.add_argument("--out", default="benchmarks", help="folder for the dated report ('' to print only)")
     p.set_defaults(func=cmd_bench)
 

@@ -60,7 +60,7 @@ def test_matmul_rate_is_the_fastest_kernels():
 
 def test_cli_writes_a_dated_report(tmp_path, capsys):
     assert main(["bench", "--model", "swinv2_debug", "--img-size", "64", "--batch-size", "2", "--rounds", "2",
-                 "--impls", "swinv2", "--malloc", "system", "--out", str(tmp_path)]) == 0
+                 "--impls", "swinv2", "--out", str(tmp_path)]) == 0
     reports = list(tmp_path.glob("*-swinv2_debug-cpu.md"))
     assert len(reports) == 1 and (tmp_path / reports[0].name.replace(".md", ".json")).exists()
     text = reports[0].read_text()
@@ -69,7 +69,7 @@ def test_cli_writes_a_dated_report(tmp_path, capsys):
     # later runs the same day (even the same minute) write beside the first report, not over it
     for _ in range(2):
         assert main(["bench", "--model", "swinv2_debug", "--img-size", "64", "--batch-size", "2", "--rounds", "1",
-                     "--impls", "swinv2", "--malloc", "system", "--out", str(tmp_path)]) == 0
+                     "--impls", "swinv2", "--out", str(tmp_path)]) == 0
     assert len(list(tmp_path.glob("*-swinv2_debug-cpu.md"))) == 3 and reports[0].read_text() == text
     assert len(list(tmp_path.glob("*-swinv2_debug-cpu.json"))) == 3
 
