@@ -193,7 +193,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not torch.is_grad_enabled():
         return _inner_product(x, weight, bias, gelu)
     if x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad):
-        y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+        if x.dim() == 2:  # the Function's own output, not a view of it (see _CosineQK)
+            y = _OneDNNLinear.apply(x, weight, bias)
+        else:
+            y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
     else:
         y = _inner_product(x, weight, bias)
     return F.gelu(y) if gelu else y
@@ -581,7 +584,7 @@ class WindowAttention(nn.Module):
         1.4-2x faster than normalising the (B_, nH, N, d) views one by one. With gradients this
         goes through :class:`_CosineQK`, whose backward is a few passes instead of the chain of
         ``F.normalize`` and the scale. Without gradients any dtype takes this path (under
-        autocast the norms and factors are float32, the one rounding is the multiply's). With
+        autocast the norms and factors are computed in float32, see :func:`_scale_qk_`). With
         gradients, where the scale's dtype differs from qkv's (autocast), or under compile or
         tracing (which fuse the reference form themselves), returns ``qkv`` as it is with
         False, and :meth:`_fused` normalises instead."""

@@ -578,6 +578,17 @@ def test_onednn_linear_weight_gradient_orientations():
     assert not layers._weight_grad_on_onednn(96, 288) and layers._weight_grad_on_onednn(192, 576)
 
 
+def test_onednn_linear_with_gradients_returns_its_own_buffer_for_2d_inputs():
+    """qkv is normalised in place by a Function that marks it dirty; were it a view of the
+    GEMM's output, autograd would copy the whole gradient in backward."""
+    from swinv2 import layers
+
+    x = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(6, 8, requires_grad=True)
+    assert layers.linear(x, w)._base is None
+    assert layers.linear(x.view(2, 5, 8), w).shape == (2, 5, 6)
+
+
 def test_onednn_linear_steps_aside(monkeypatch):
     from swinv2 import layers
 
