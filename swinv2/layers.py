@@ -162,7 +162,6 @@ class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        ctx.bias_shape = None if bias is None else bias.shape
         return _inner_product(x, weight, bias)
 
     @staticmethod
@@ -174,7 +173,7 @@ class _OneDNNLinear(torch.autograd.Function):
             dx = _inner_product(grad, weight.t().contiguous(), None)  # (M, N) x (N, K)
         if ctx.needs_input_grad[1]:
             dw = _weight_grad(grad, x)
-        if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:  # (False for a missing bias)
             db = grad.sum(0)
         return dx, dw, db
 
