@@ -809,12 +809,27 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
+    @property
+    def active(self) -> bool:
+        return self.p > 0.0 and self.training
+
+    def draw(self, batch: int, ndim: int, device) -> torch.Tensor:
+        """The 0/1 keep mask one call on a ``batch``-sized, ``ndim``-D input would draw,
+        ``(batch, 1, ...)`` in float32, for :meth:`forward`'s ``keep``. It consumes the
+        generator exactly as that call does (the draws do not depend on the dtype)."""
+        return torch.empty((batch,) + (1,) * (ndim - 1), device=device).bernoulli_(1.0 - self.p)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``keep``: rows of a mask from :meth:`draw` for this batch, to apply instead of a
+        fresh draw (a batch run in chunks then drops what the whole batch at once would)."""
+        if not self.active:
             return x
-        keep = 1.0 - self.p
-        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+        prob = 1.0 - self.p
+        if keep is None:
+            keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(prob)
+        else:
+            keep = keep.to(dtype=x.dtype, copy=True)
+        return x * keep.div_(prob)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

