@@ -222,8 +222,13 @@ class SwinTransformerV2Stage(nn.Module):
         exporting (the graph keeps the batch whole), nor while dropout is active (its draws
         would follow the chunks; stochastic depth is drawn for the whole batch instead), nor
         while a hook watches a module inside the stage (it would see each chunk)."""
-        B, H, W, _ = x.shape
-        if not self.batch_chunk_mb or B < 2 or not len(self.blocks) or x.device.type != "cpu":
+        return self.chunk_count(x.shape, x.device, x.dtype)
+
+    def chunk_count(self, shape, device, dtype: torch.dtype) -> int:
+        """:meth:`batch_chunks` for an input of this shape (B, H, W, C), device and dtype."""
+        B, H, W, _ = shape
+        device = torch.device(device)
+        if not self.batch_chunk_mb or B < 2 or not len(self.blocks) or device.type != "cpu":
             return 1
         if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
                 or torch.onnx.is_in_onnx_export()):
@@ -236,23 +241,25 @@ class SwinTransformerV2Stage(nn.Module):
         block = self.blocks[0]
         elements = max(H * W * block.mlp.fc1.out_features, H * W * 3 * self.dim,
                        windows * block.attn.num_heads * N * N)
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else dtype
         per_chunk = max(1, int(self.batch_chunk_mb * 2**20 // (elements * torch.finfo(dtype).bits // 8)))
         return math.ceil(B / per_chunk) if per_chunk < B else 1
 
-    def _drop_path_plan(self, x: torch.Tensor):
+    def _drop_path_plan(self, batch: int, device):
         """Per block, the stochastic-depth masks of the whole batch, drawn in the order the
         unchunked forward draws them (None for blocks that draw none), or None."""
         if not any(isinstance(b.drop_path, DropPath) and b.drop_path.active for b in self.blocks):
             return None
         return [
-            tuple(b.drop_path.draw(x.shape[0], x.ndim, x.device) for _ in range(2))
+            tuple(b.drop_path.draw(batch, 4, device) for _ in range(2))  # branches are (B, H, W, C)
             if isinstance(b.drop_path, DropPath) and b.drop_path.active else None
             for b in self.blocks
         ]
 
-    def _run(self, x: torch.Tensor, downsample: bool) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, downsample: bool, prologue=None, chunks: int | None = None) -> torch.Tensor:
         """The blocks (and the downsampling if asked), on the whole batch or chunk by chunk.
+        ``prologue``: applied to ``x`` (or each chunk of it, ``chunks`` of them) first; the
+        model's patch embedding, so that the whole-batch embedded map is never built.
 
         Each image's result is the same either way (up to float rounding: with chunks the
         weight gradients are summed over chunks). Chunks keep every tensor small: on a CPU a
@@ -261,18 +268,18 @@ class SwinTransformerV2Stage(nn.Module):
         of a step, while smaller blocks are reused from the heap; they also stay in cache.
         """
         down = self.downsample if downsample else None
-        n = self.batch_chunks(x)
+        n = self.batch_chunks(x) if chunks is None else chunks
         if n == 1:
-            x = self._blocks(x)
+            x = self._blocks(x if prologue is None else prologue(x))
             return down(x) if down is not None else x
-        plan = self._drop_path_plan(x)
+        plan = self._drop_path_plan(x.shape[0], x.device)
         outs, start = [], 0
         for part in x.tensor_split(n):
             stop = start + part.shape[0]
             keeps = None if plan is None else [
                 None if k is None else tuple(m[start:stop] for m in k) for k in plan
             ]
-            part = self._blocks(part, keeps)
+            part = self._blocks(part if prologue is None else prologue(part), keeps)
             outs.append(down(part) if down is not None else part)
             start = stop
         return torch.cat(outs)
@@ -562,7 +569,28 @@ class SwinTransformerV2(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> the unpooled, normed final map (B, H/32, W/32, C_final), NHWC."""
-        return self.forward_tokens(self._embed(x))
+        n = self._embed_chunks(x)
+        if n == 1:
+            return self.forward_tokens(self._embed(x))
+        # the first stage runs in chunks: embed each chunk there, not the whole batch first
+        self._check_input(x)  # errors name the caller's batch, not a chunk
+        x = self.layers[0]._run(x, downsample=True, prologue=self._embed, chunks=n)
+        for stage in self.layers[1:]:
+            x = stage(x)
+        return self.norm(x)
+
+    def _embed_chunks(self, x: torch.Tensor) -> int:
+        """The first stage's :meth:`~SwinTransformerV2Stage.batch_chunks` for the embedding of
+        ``x``, or 1 where the embedding must see the whole batch (a hook on it, or active
+        dropout after it) or the input is not an image batch (the embedding raises)."""
+        if not self.num_layers or x.ndim != 4 or x.shape[1] != self.in_chans:
+            return 1
+        embedding = list(self.patch_embed.modules()) + [self.pos_drop]
+        if not unhooked(*embedding) or (self.pos_drop.p > 0 and self.pos_drop.training):
+            return 1
+        ph, pw = self.patch_size
+        shape = (x.shape[0], x.shape[2] // ph, x.shape[3] // pw, self.embed_dim)
+        return self.layers[0].chunk_count(shape, x.device, x.dtype)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Final map (B, h, w, C) -> logits (B, classes), or the pooled (B, C) if pre_logits."""

@@ -1066,7 +1066,13 @@ def test_batch_chunks_in_inference_and_intermediates(monkeypatch):
         whole, maps = model(x), model.forward_intermediates(x)[1]
         model.set_batch_chunking(1e-9)
         sizes = _count_block_batches(monkeypatch)
-        chunked, chunked_maps = model(x), model.forward_intermediates(x)[1]
+        embedded = []
+        embed = swinv2.layers.PatchEmbed.forward
+        monkeypatch.setattr(swinv2.layers.PatchEmbed, "forward",
+                            lambda self, t: embedded.append(len(t)) or embed(self, t))
+        chunked = model(x)
+        assert embedded == [1, 1, 1, 1]  # each chunk embedded on its own, never the whole batch
+        chunked_maps = model.forward_intermediates(x)[1]
     assert max(sizes) == 1 and len(sizes) == 2 * 4 * 8
     assert rel_err(chunked, whole) < 1e-6
     assert all(rel_err(a, b) < 1e-6 for a, b in zip(chunked_maps, maps))
@@ -1103,6 +1109,10 @@ def test_batch_chunks_step_aside(monkeypatch):
     handle.remove()
     dropout = swinv2.create_model(DEBUG, drop_rate=0.1, batch_chunk_mb=1e-9).layers[0]
     assert dropout.train().batch_chunks(x) == 1 and dropout.eval().batch_chunks(x) == 4
+    with pytest.raises(ValueError, match=r"input shape \(4, 2, 32, 32\)"):  # the caller's batch
+        model(torch.zeros(4, 2, 32, 32))
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        model(torch.zeros(4, 3, 30, 32))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert stage.batch_chunks(x) == 1
 
