@@ -239,6 +239,15 @@ def _measure_memory(case: Case, impl: str) -> int | None:
     return (_status_kb("VmHWM") - base) * 1024
 
 
+def swinv2_settings() -> str:
+    """swinv2's speed settings the bench runs with (the library's defaults)."""
+    from . import layers
+    from .model import DEFAULT_BATCH_CHUNK_MB
+
+    return (f"batch chunks of at most {DEFAULT_BATCH_CHUNK_MB:g} MiB per block tensor on a CPU (batch_chunk_mb), "
+            f"oneDNN Linear layers {'on' if layers.ONEDNN_LINEAR else 'off'} (layers.ONEDNN_LINEAR)")
+
+
 def environment(device: str = "cpu") -> dict:
     info = dict(
         date=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), python=platform.python_version(),
@@ -254,6 +263,7 @@ def environment(device: str = "cpu") -> dict:
     else:
         info["vector"] = torch.backends.cpu.get_cpu_capability()
     info["native bf16"] = "yes" if native_bf16(device) else "no (bf16 cases run on a slow generic kernel)"
+    info["swinv2"] = swinv2_settings()
     for pkg in ("timm", "torchvision", "transformers"):
         try:
             info[pkg] = __import__(pkg).__version__
@@ -282,6 +292,7 @@ def report_markdown(env: dict, command: str, rows: list[dict], rates: dict, kern
         + (f", GPU {env['gpu']}" if "gpu" in env else ""),
         "Versions: " + ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "timm", "torchvision", "transformers")),
         *([f"Allocator: {env['allocator']}"] if "allocator" in env else []),
+        *([f"swinv2 settings: {env['swinv2']}"] if "swinv2" in env else []),
         "",
         "Matrix-multiply rate measured in this run (2048^3): "
         + ", ".join(rate_text(k, v) for k, v in rates.items()),
