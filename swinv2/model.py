@@ -233,9 +233,6 @@ class SwinTransformerV2Stage(nn.Module):
         if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
                 or torch.onnx.is_in_onnx_export()):
             return 1
-        inner = [m for m in self.modules() if m is not self]
-        if not unhooked(*inner) or any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in inner):
-            return 1
         (wh, ww), _ = self.window_and_shift((H, W))
         windows, N = math.ceil(H / wh) * math.ceil(W / ww), wh * ww
         block = self.blocks[0]
@@ -243,7 +240,13 @@ class SwinTransformerV2Stage(nn.Module):
                        windows * block.attn.num_heads * N * N)
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else dtype
         per_chunk = max(1, int(self.batch_chunk_mb * 2**20 // (elements * torch.finfo(dtype).bits // 8)))
-        return math.ceil(B / per_chunk) if per_chunk < B else 1
+        if per_chunk >= B:
+            return 1
+        # only now walk the submodules (most stages of most batches end above)
+        inner = [m for m in self.modules() if m is not self]
+        if not unhooked(*inner) or any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in inner):
+            return 1
+        return math.ceil(B / per_chunk)
 
     def _drop_path_plan(self, batch: int, device):
         """Per block, the stochastic-depth masks of the whole batch, drawn in the order the
@@ -585,12 +588,13 @@ class SwinTransformerV2(nn.Module):
         dropout after it) or the input is not an image batch (the embedding raises)."""
         if not self.num_layers or x.ndim != 4 or x.shape[1] != self.in_chans:
             return 1
-        embedding = list(self.patch_embed.modules()) + [self.pos_drop]
-        if not unhooked(*embedding) or (self.pos_drop.p > 0 and self.pos_drop.training):
-            return 1
         ph, pw = self.patch_size
         shape = (x.shape[0], x.shape[2] // ph, x.shape[3] // pw, self.embed_dim)
-        return self.layers[0].chunk_count(shape, x.device, x.dtype)
+        n = self.layers[0].chunk_count(shape, x.device, x.dtype)
+        embedding = list(self.patch_embed.modules()) + [self.pos_drop]
+        if n > 1 and (not unhooked(*embedding) or (self.pos_drop.p > 0 and self.pos_drop.training)):
+            return 1
+        return n
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Final map (B, h, w, C) -> logits (B, classes), or the pooled (B, C) if pre_logits."""
@@ -703,8 +707,11 @@ class SwinTransformerV2(nn.Module):
         already, GPUs, compiled or traced forwards, and blocks with active dropout run the
         batch whole (see :meth:`SwinTransformerV2Stage.batch_chunks`).
         """
-        if budget_mb is not None and budget_mb is not False and budget_mb < 0:
-            raise ValueError(f"batch_chunk_mb must be positive, 0 or None, got {budget_mb}")
+        if budget_mb is True:
+            budget_mb = DEFAULT_BATCH_CHUNK_MB
+        if budget_mb is not None and budget_mb is not False and (
+                not isinstance(budget_mb, (int, float)) or not math.isfinite(budget_mb) or budget_mb < 0):
+            raise ValueError(f"batch_chunk_mb must be a positive number of MiB, 0 or None, got {budget_mb!r}")
         budget = float(budget_mb) if budget_mb else None
         for stage in self.layers:
             stage.batch_chunk_mb = budget

@@ -1127,5 +1127,9 @@ def test_batch_chunking_options_and_config():
     assert rebuilt.config == model.config and rebuilt.layers[3].batch_chunk_mb == 8.0
     model.set_batch_chunking(0)
     assert model.config["batch_chunk_mb"] is None
-    with pytest.raises(ValueError, match="batch_chunk_mb"):
-        model.set_batch_chunking(-1)
+    model.set_batch_chunking(True)  # the default budget
+    assert model.config["batch_chunk_mb"] == 32.0
+    for bad in (-1, float("nan"), "32"):
+        with pytest.raises(ValueError, match="batch_chunk_mb"):
+            model.set_batch_chunking(bad)
+    assert model.config["batch_chunk_mb"] == 32.0  # a refused value changes nothing
