@@ -694,14 +694,23 @@ def _scale_qk_(qkv: torch.Tensor, scale: torch.Tensor, num_heads: int) -> tuple[
     both (M, 2, nH, 1). For bfloat16 or float16 ``qkv`` the norm is accumulated in float32
     and the factors computed in float32, then rounded to qkv's dtype for the multiply (a
     mixed-dtype in-place multiply is 6x slower); that is as close to float64 as F.normalize
-    in bfloat16 (0.28% rms at SwinV2-T's stage 0)."""
-    qk = _qk_view(qkv, num_heads)
-    norm = torch.linalg.vector_norm(qk, dim=-1, keepdim=True)
+    in bfloat16 (0.28% rms at SwinV2-T's stage 0).
+
+    The norms and the multiply run over all of qkv's rows, v's included (v's factor is
+    exactly 1, so v is unchanged bit for bit): qkv is then one contiguous run of d-long rows,
+    where the q/k view skips every third block of C. On 2 cores that measured 1.5-2x faster
+    from SwinV2-T's stage 1 on, though it touches 1.5x the data."""
+    M, C3 = qkv.shape
+    rows = qkv.view(M, 3, num_heads, C3 // (3 * num_heads))
+    norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)[:, :2]  # v's norms dropped
+    factors = torch.empty(rows.shape[:-1] + (1,), dtype=qkv.dtype, device=qkv.device)  # (M, 3, nH, 1)
+    factors[:, 2] = 1.0
     if norm.dtype in (torch.bfloat16, torch.float16):
         norm = norm.float()
     factor = norm.clamp_min(NORM_EPS).reciprocal_()
     factor[:, 0].mul_(scale.view(-1, 1))  # q's rows: scale / ||q||
-    qk.mul_(factor.to(qk.dtype))
+    factors[:, :2] = factor  # 1/d of qkv's size
+    rows.mul_(factors)
     return norm, factor
 
 
