@@ -241,11 +241,12 @@ def _measure_memory(case: Case, impl: str) -> int | None:
 
 def swinv2_settings() -> str:
     """swinv2's speed settings the bench runs with (the library's defaults)."""
-    from . import layers
+    from . import layers, native
     from .model import DEFAULT_BATCH_CHUNK_MB
 
     return (f"batch chunks of at most {DEFAULT_BATCH_CHUNK_MB:g} MiB per block tensor on a CPU (batch_chunk_mb), "
-            f"oneDNN Linear layers {'on' if layers.ONEDNN_LINEAR else 'off'} (layers.ONEDNN_LINEAR)")
+            f"oneDNN Linear layers {'on' if layers.ONEDNN_LINEAR else 'off'} (layers.ONEDNN_LINEAR), "
+            f"native float32 window attention {native.status()} (swinv2.native)")
 
 
 def environment(device: str = "cpu") -> dict:

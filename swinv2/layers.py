@@ -14,6 +14,8 @@ from torch import nn
 from torch.nn.modules import module as _module_hooks
 from torch.utils.checkpoint import checkpoint
 
+from . import native
+
 Size2 = tuple[int, int]
 
 # Logit-scale ceiling of scaled cosine attention (paper §3.3: tau > 0.01, so scale <= 100).
@@ -470,6 +472,9 @@ class WindowAttention(nn.Module):
         # True: one fused scaled_dot_product_attention call; False: the explicit reference
         # computation (matmul, bias, mask, softmax, matmul) as in the official code.
         self.fused_attn = True
+        # On the fused path in float32 inference on an AVX-512 CPU: the native kernel of
+        # swinv2.native instead of scaled_dot_product_attention (when it is available).
+        self.native = True
         self.reset_parameters()
         # Sequential attention (paper §3.5): windows are attended in chunks of
         # ``chunk_windows`` (or as many as ``memory_budget_mb`` of scores allows), one after
@@ -674,6 +679,10 @@ class WindowAttention(nn.Module):
             m = mask[:, None].to(q.dtype)  # (nW, 1, N, N)
             bias = m if bias is None else bias + m  # (nW, nH | 1, N, N)
         drop = self.attn_drop.p if self.training else 0.0
+        if not drop and self.native and native.applies(q, k, v):
+            if bias is not None:
+                bias = bias.expand(bias.shape[0], nH, N, N)  # (nW | 1, nH, N, N)
+            return native.window_attention(q, k, v, bias)
         if matmul:
             return _matmul_attention(q, k, v, bias, drop, self.training)
         if bias is not None and mask is not None:

@@ -1,0 +1,209 @@
+/* Window attention for float32 on AVX-512 CPUs, inference only.
+ *
+ * out = softmax(q k^T + bias) v for every (window, head), with 32-wide heads and any window
+ * length N. q, k and v are read in place through their strides (views of the qkv GEMM's
+ * output); the output is written as (windows, N, heads, 32), the layout the projection
+ * after it reads. Each OpenMP thread takes a contiguous range of (window, head) pairs; per pair
+ * k is transposed once into a scratch buffer, then 4 query rows at a time get their scores
+ * (kept in registers when N <= 64), softmax and output rows.
+ *
+ * Built and loaded by swinv2/native.py, which also checks it against PyTorch before use.
+ */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <math.h>
+
+/* e^x for x <= 0 (scores after the row maximum is subtracted): x = n ln2 + r with |r| <= ln2/2,
+ * a degree-7 polynomial for e^r, then scaled by 2^n. Inputs below -87 give e^-87 (~1e-38). */
+static inline __m512 exp_neg(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 r2 = _mm512_mul_ps(r, r);
+    p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+typedef struct {
+    const float *q, *k, *v, *bias; float *o;
+    int64_t B, H, N, nb;           /* windows, heads, tokens, bias windows (1 or nW) */
+    int64_t sqb, sqh, sqn;         /* q/k/v strides (elements): window, head, token; d contiguous */
+    int64_t skb, skh, skn, svb, svh, svn;
+    int64_t sob, soh, son;         /* output strides */
+    int64_t begin, end;            /* task range: task = b*H + h */
+    int status;                    /* 0, or -1 when scratch memory could not be allocated */
+} job_t;
+
+#define D 32
+#define R 4
+
+static void run(job_t *j) {
+    const int64_t N = j->N, NB = (N + 15) / 16;
+    float *kt = aligned_alloc(64, sizeof(float) * D * NB * 16);
+    float *s = aligned_alloc(64, sizeof(float) * R * NB * 16);
+    if (!kt || !s) {
+        free(kt); free(s);
+        j->status = -1;
+        return;
+    }
+    for (int64_t i = 0; i < D * NB * 16; i++) kt[i] = 0.f;
+    for (int64_t t = j->begin; t < j->end; t++) {
+        const int64_t b = t / j->H, h = t % j->H;
+        const float *q = j->q + b * j->sqb + h * j->sqh;
+        const float *k = j->k + b * j->skb + h * j->skh;
+        const float *v = j->v + b * j->svb + h * j->svh;
+        const float *bias = j->bias ? j->bias + ((b % j->nb) * j->H + h) * N * N : 0;
+        float *o = j->o + b * j->sob + h * j->soh;
+        /* K transposed: kt[c][n], rows padded to NB*16 (padding stays 0) */
+        for (int64_t cb = 0; cb < NB; cb++) {
+            const int64_t n0 = cb * 16, cnt = (N - n0) < 16 ? (N - n0) : 16;
+            const __mmask16 m = cnt == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt) - 1);
+            const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15),
+                                                   _mm512_set1_epi32((int)j->skn));
+            const float *kb = k + n0 * j->skn;
+            for (int c = 0; c < D; c++)
+                _mm512_store_ps(kt + c * NB * 16 + n0, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, kb + c, 4));
+        }
+        for (int64_t i0 = 0; i0 < N; i0 += R) {
+            const int rows = (N - i0) < R ? (int)(N - i0) : R;
+            const float *qr[R];
+            for (int r = 0; r < R; r++) qr[r] = q + (i0 + (r < rows ? r : 0)) * j->sqn;
+            float inv[R];
+            const __mmask16 tail = (N % 16) ? (__mmask16)((1u << (N % 16)) - 1) : (__mmask16)0xFFFF;
+            if (NB <= 4) {
+                /* the row block's scores stay in registers: bias in the accumulators, then softmax */
+                __m512 acc[R][4];
+                for (int r = 0; r < R; r++)
+                    for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+                for (int c = 0; c < D; c++) {
+                    const float *kc = kt + c * NB * 16;
+                    __m512 kv0 = _mm512_load_ps(kc);
+                    __m512 kv1 = NB > 1 ? _mm512_load_ps(kc + 16) : kv0;
+                    __m512 kv2 = NB > 2 ? _mm512_load_ps(kc + 32) : kv0;
+                    __m512 kv3 = NB > 3 ? _mm512_load_ps(kc + 48) : kv0;
+                    for (int r = 0; r < R; r++) {
+                        __m512 qb = _mm512_set1_ps(qr[r][c]);
+                        acc[r][0] = _mm512_fmadd_ps(qb, kv0, acc[r][0]);
+                        acc[r][1] = _mm512_fmadd_ps(qb, kv1, acc[r][1]);
+                        acc[r][2] = _mm512_fmadd_ps(qb, kv2, acc[r][2]);
+                        acc[r][3] = _mm512_fmadd_ps(qb, kv3, acc[r][3]);
+                    }
+                }
+                const __m512 ninf = _mm512_set1_ps(-INFINITY);
+                for (int r = 0; r < R; r++) {
+                    const float *br = bias ? bias + (i0 + (r < rows ? r : 0)) * N : 0;
+                    for (int c = 0; c < 4; c++) {
+                        __mmask16 m = c < NB - 1 ? (__mmask16)0xFFFF : (c == NB - 1 ? tail : 0);
+                        if (br) acc[r][c] = _mm512_add_ps(acc[r][c], _mm512_maskz_loadu_ps(m, br + c * 16));
+                        acc[r][c] = _mm512_mask_blend_ps(m, ninf, acc[r][c]);
+                    }
+                    __m512 mx = _mm512_max_ps(_mm512_max_ps(acc[r][0], acc[r][1]), _mm512_max_ps(acc[r][2], acc[r][3]));
+                    __m512 mxv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+                    __m512 sum = _mm512_setzero_ps();
+                    for (int c = 0; c < 4; c++) {
+                        if (c >= NB) break;
+                        __mmask16 m = c < NB - 1 ? (__mmask16)0xFFFF : tail;
+                        __m512 e = _mm512_maskz_mov_ps(m, exp_neg(_mm512_sub_ps(acc[r][c], mxv)));
+                        _mm512_store_ps(s + r * NB * 16 + c * 16, e);
+                        sum = _mm512_add_ps(sum, e);
+                    }
+                    inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+                }
+            } else {
+            /* scores, 4 column blocks of 16 at a time */
+            for (int64_t cb = 0; cb < NB; cb += 4) {
+                const int nc = (NB - cb) < 4 ? (int)(NB - cb) : 4;
+                __m512 acc[R][4];
+                for (int r = 0; r < R; r++) for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+                for (int c = 0; c < D; c++) {
+                    const float *kc = kt + c * NB * 16 + cb * 16;
+                    __m512 kv0 = _mm512_load_ps(kc);
+                    __m512 kv1 = nc > 1 ? _mm512_load_ps(kc + 16) : kv0;
+                    __m512 kv2 = nc > 2 ? _mm512_load_ps(kc + 32) : kv0;
+                    __m512 kv3 = nc > 3 ? _mm512_load_ps(kc + 48) : kv0;
+                    for (int r = 0; r < R; r++) {
+                        __m512 qb = _mm512_set1_ps(qr[r][c]);
+                        acc[r][0] = _mm512_fmadd_ps(qb, kv0, acc[r][0]);
+                        acc[r][1] = _mm512_fmadd_ps(qb, kv1, acc[r][1]);
+                        acc[r][2] = _mm512_fmadd_ps(qb, kv2, acc[r][2]);
+                        acc[r][3] = _mm512_fmadd_ps(qb, kv3, acc[r][3]);
+                    }
+                }
+                for (int r = 0; r < R; r++)
+                    for (int c = 0; c < nc; c++) _mm512_store_ps(s + r * NB * 16 + (cb + c) * 16, acc[r][c]);
+            }
+            /* bias, softmax numerators, row sums */
+            for (int r = 0; r < rows; r++) {
+                float *sr = s + r * NB * 16;
+                const float *br = bias ? bias + (i0 + r) * N : 0;
+                __m512 mx = _mm512_set1_ps(-INFINITY);
+                for (int64_t cb = 0; cb < NB; cb++) {
+                    __mmask16 m = cb == NB - 1 ? tail : 0xFFFF;
+                    __m512 x = _mm512_maskz_load_ps(m, sr + cb * 16);
+                    if (br) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, br + cb * 16));
+                    x = _mm512_mask_blend_ps(m, _mm512_set1_ps(-INFINITY), x);
+                    _mm512_store_ps(sr + cb * 16, x);
+                    mx = _mm512_max_ps(mx, x);
+                }
+                __m512 mxv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+                __m512 sum = _mm512_setzero_ps();
+                for (int64_t cb = 0; cb < NB; cb++) {
+                    __mmask16 m = cb == NB - 1 ? tail : 0xFFFF;
+                    __m512 e = _mm512_maskz_mov_ps(m, exp_neg(_mm512_sub_ps(_mm512_load_ps(sr + cb * 16), mxv)));
+                    _mm512_store_ps(sr + cb * 16, e);
+                    sum = _mm512_add_ps(sum, e);
+                }
+                inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+            }
+            }
+            /* out = P V */
+            __m512 oa[R][2];
+            for (int r = 0; r < R; r++) oa[r][0] = oa[r][1] = _mm512_setzero_ps();
+            for (int64_t n = 0; n < N; n++) {
+                const float *vr = v + n * j->svn;
+                __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16);
+                for (int r = 0; r < R; r++) {
+                    __m512 p = _mm512_set1_ps(s[r * NB * 16 + n]);
+                    oa[r][0] = _mm512_fmadd_ps(p, v0, oa[r][0]);
+                    oa[r][1] = _mm512_fmadd_ps(p, v1, oa[r][1]);
+                }
+            }
+            for (int r = 0; r < rows; r++) {
+                float *orow = o + (i0 + r) * j->son;
+                __m512 f = _mm512_set1_ps(inv[r]);
+                _mm512_storeu_ps(orow, _mm512_mul_ps(oa[r][0], f));
+                _mm512_storeu_ps(orow + 16, _mm512_mul_ps(oa[r][1], f));
+            }
+        }
+    }
+    free(kt); free(s);
+}
+
+/* Returns 0 on success, -1 when scratch memory ran out (the output is then incomplete).
+ * The (window, head) pairs are split evenly over `threads` OpenMP threads: linked against the
+ * OpenMP runtime PyTorch has already loaded, this is PyTorch's own thread pool. */
+int window_attention_f32(const float *q, const float *k, const float *v, const float *bias, float *o,
+                         int64_t B, int64_t H, int64_t N, int64_t nb, const int64_t *st, int threads) {
+    const int64_t tasks = B * H;
+    int status = 0;
+    if (threads < 1) threads = 1;
+    if (threads > tasks) threads = tasks > 0 ? (int)tasks : 1;
+#pragma omp parallel num_threads(threads) reduction(| : status)
+    {
+        const int64_t i = omp_get_thread_num(), n = omp_get_num_threads();
+        job_t j = {q, k, v, bias, o, B, H, N, nb, st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7], st[8],
+                   st[9], st[10], st[11], tasks * i / n, tasks * (i + 1) / n, 0};
+        run(&j);
+        status |= j.status;
+    }
+    return status;
+}

@@ -1,0 +1,228 @@
+"""The native float32 window-attention kernel (swinv2.native): against PyTorch's attention in
+float64, inside the model against the reference path and against timm at 32-wide heads (the
+width every SwinV2 size uses, and the only one the kernel takes), and its fallbacks: turned
+off, no compiler, a corrupt cached library, a kernel that computes the wrong thing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import swinv2
+from swinv2 import native
+from swinv2.layers import WindowAttention
+
+try:
+    from helpers import randomize_, rel_err
+    from test_peer_parity import _load, _timm_class, timm_to_official
+except ImportError:  # collected as the ``tests`` package
+    from tests.helpers import randomize_, rel_err
+    from tests.test_peer_parity import _load, _timm_class, timm_to_official
+
+needs_kernel = pytest.mark.skipif(not native.available(), reason=f"native kernel {native.status()}")
+
+# d = 32 in every stage (widths 64..512)
+ARCH32 = dict(embed_dim=64, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16), num_classes=10)
+
+
+def _qkv(B, H, N, seed=0, scale=10.0):
+    """Cosine-attention-like q, k, v: strided (B, H, N, 32) views of one qkv tensor."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, N, 3, H, 32, generator=g)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    s = torch.full((H, 1, 1), scale)
+    s[0] = 100.0  # a head at the clamp: the largest logits the model can produce
+    return F.normalize(q, dim=-1) * s, F.normalize(k, dim=-1), v
+
+
+def _truth(q, k, v, bias):
+    B = q.shape[0]
+    mask = None if bias is None else bias.double().repeat(B // bias.shape[0], 1, 1, 1)
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=1.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("N", [1, 7, 16, 49, 63, 64, 81, 144, 256])
+@pytest.mark.parametrize("bias_kind", ["none", "shared", "per-window"])
+def test_kernel_matches_float64_attention(N, bias_kind):
+    B, H, nW = 6, 3, 3
+    q, k, v = _qkv(B, H, N, seed=N)
+    g = torch.Generator().manual_seed(1)
+    bias = None
+    if bias_kind != "none":
+        bias = 16 * torch.rand(1 if bias_kind == "shared" else nW, H, N, N, generator=g)
+        if bias_kind == "per-window":  # shifted-window masks: -100 between regions
+            bias[:, :, : N // 2, N // 2 :] -= 100.0
+    want = _truth(q, k, v, bias)
+    got = native.window_attention(q, k, v, bias)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert got.transpose(1, 2).is_contiguous()  # (B, N, H, d) memory: the projection reads it as is
+    assert rel_err(got, want) < 1e-6
+    # as close to the truth as PyTorch's own float32 kernel (with margin)
+    mask = None if bias is None else bias.repeat(B // bias.shape[0], 1, 1, 1)
+    ref32 = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    assert rel_err(got, want) < 3 * rel_err(ref32, want) + 1e-7
+
+
+@needs_kernel
+def test_kernel_rejects_a_bias_of_the_wrong_shape():
+    q, k, v = _qkv(4, 2, 16)
+    with pytest.raises(ValueError, match=r"bias must be \(nb, 2, 16, 16\)"):
+        native.window_attention(q, k, v, torch.zeros(3, 2, 16, 16))
+    with pytest.raises(ValueError, match="bias must be"):
+        native.window_attention(q, k, v, torch.zeros(1, 2, 16, 15))
+
+
+def test_applies_only_to_float32_inference_with_32_wide_heads():
+    q, k, v = _qkv(2, 2, 16)
+    if not native.available():
+        assert not native.applies(q, k, v)
+        return
+    assert native.applies(q, k, v)
+    assert not native.applies(q.double(), k.double(), v.double())
+    assert not native.applies(q[..., :16], k[..., :16], v[..., :16])
+    assert not native.applies(q, k, v.transpose(-1, -2))  # no unit stride on the last dim
+    qg = q.detach().requires_grad_()
+    assert not native.applies(qg, k, v)
+    with torch.no_grad():
+        assert native.applies(qg, k, v)
+
+
+def _count_calls(monkeypatch) -> list:
+    calls = []
+    real = native.window_attention
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(native, "window_attention", counting)
+    return calls
+
+
+def _attentions(model):
+    return [m for m in model.modules() if isinstance(m, WindowAttention)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("img,window", [(64, 4), (128, 8), (112, 7)])
+def test_model_with_kernel_matches_reference_path(img, window, monkeypatch):
+    model = randomize_(swinv2.SwinTransformerV2(img_size=img, window_size=window, drop_path_rate=0.0, **ARCH32), 3)
+    model.eval()
+    x = torch.randn(3, 3, img, img, generator=torch.Generator().manual_seed(2))
+    calls = _count_calls(monkeypatch)
+    with torch.no_grad():
+        got = model(x)
+        blocks = sum(len(s.blocks) for s in model.layers)
+        assert len(calls) == blocks  # every block, shifted or not, took the kernel
+        for m in _attentions(model):
+            m.fused_attn = False  # the official step-by-step computation
+        reference = model(x)
+        truth = copy.deepcopy(model).double()(x.double())
+        for m in _attentions(model):
+            m.fused_attn, m.native = True, False  # PyTorch's fused kernel
+        fused = model(x)
+    assert len(calls) == blocks
+    # float32 through a randomised network drifts ~1e-5 whichever kernel (see test_peer_parity);
+    # the kernel is as close to the float64 truth as PyTorch's two float32 paths
+    assert rel_err(got, reference) < 5e-5 and rel_err(got, fused) < 5e-5
+    assert rel_err(got, truth) < 1.5 * max(rel_err(fused, truth), rel_err(reference, truth))
+
+
+@needs_kernel
+def test_model_with_kernel_matches_timm(monkeypatch):
+    kwargs = dict(ARCH32, img_size=128, window_size=8)
+    peer = randomize_(_timm_class()(**kwargs, drop_path_rate=0.0).eval(), 5)
+    ours = swinv2.SwinTransformerV2(drop_path_rate=0.0, **kwargs).eval()
+    _load(ours, timm_to_official(peer.state_dict()))
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    calls = _count_calls(monkeypatch)
+    with torch.no_grad():
+        assert rel_err(ours(x), peer(x)) < 5e-5
+    assert len(calls) == 8
+
+
+@needs_kernel
+def test_kernel_is_not_used_for_training_autocast_or_compile(monkeypatch):
+    model = randomize_(swinv2.SwinTransformerV2(img_size=64, window_size=4, drop_path_rate=0.0, **ARCH32), 1)
+    x = torch.randn(2, 3, 64, 64)
+    calls = _count_calls(monkeypatch)
+    model.train()
+    model(x).sum().backward()  # gradients: PyTorch's kernels (the native one has no backward)
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    with torch.no_grad():
+        torch.compile(model, backend="eager", fullgraph=True)(x)
+    torch._dynamo.reset()
+    assert calls == []
+    with torch.no_grad():
+        model(x)
+    assert len(calls) == 8
+
+
+# -- building, loading and falling back ----------------------------------------------------
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """A fresh native state (restored afterwards) building into an empty cache."""
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("SWINV2_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_turned_off_by_environment(fresh, monkeypatch):
+    monkeypatch.setenv("SWINV2_NATIVE", "0")
+    assert not native.available()
+    assert native.status() == "off (turned off by SWINV2_NATIVE)"
+    assert not list(fresh.rglob("*.so"))
+
+
+def test_a_failing_compiler_falls_back_with_the_reason(fresh, monkeypatch):
+    if native._cpu_supported():
+        pytest.skip(native._cpu_supported())
+    monkeypatch.setattr(native, "_compiler", lambda: "/bin/false")
+    assert not native.available()
+    assert native.status().startswith("off (could not build or load it: false failed")
+    assert not list(fresh.rglob("*"))[1:]  # the kernels folder only: no half-written library left
+    # and the model runs on PyTorch's kernels
+    model = randomize_(swinv2.SwinTransformerV2(img_size=64, window_size=4, drop_path_rate=0.0, **ARCH32), 1)
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(torch.randn(2, 3, 64, 64))).all()
+
+
+@needs_kernel
+def test_builds_once_into_the_cache_and_rebuilds_a_damaged_library(fresh, monkeypatch, tmp_path_factory):
+    assert native.available()
+    libs = list(fresh.rglob("*.so"))
+    assert len(libs) == 1 and native._state["path"] == str(libs[0])
+    stamp = libs[0].stat().st_mtime_ns
+    monkeypatch.setattr(native, "_state", {})
+    assert native.available() and libs[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+    # A damaged library in another cache (a loaded one must not be overwritten in place):
+    # loading it fails, so it is built again over it, atomically.
+    other = tmp_path_factory.mktemp("damaged")
+    monkeypatch.setenv("SWINV2_CACHE_DIR", str(other))
+    damaged = other / "kernels" / libs[0].name
+    damaged.parent.mkdir()
+    damaged.write_bytes(b"not a shared library")
+    monkeypatch.setattr(native, "_state", {})
+    assert native.available() and native._state["path"] == str(damaged)
+    assert damaged.read_bytes()[:4] == b"\x7fELF" and sorted(p.name for p in damaged.parent.iterdir()) == [damaged.name]
+
+
+@needs_kernel
+def test_self_test_catches_a_wrong_kernel(fresh, monkeypatch):
+    real = native._call
+
+    def off_by_a_little(fn, q, k, v, bias):
+        out = real(fn, q, k, v, bias)
+        return out * (1 + 1e-4)
+
+    monkeypatch.setattr(native, "_call", off_by_a_little)
+    assert not native.available()
+    assert "self-test error was 1.0e-04" in native.status()
