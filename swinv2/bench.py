@@ -163,8 +163,12 @@ def matmul_rate(dtype: torch.dtype, device: str = "cpu", n: int = 2048, repeats:
     return max(matmul_rates(dtype, device, n, repeats).values())
 
 
-def run_speed(case: Case, impls=IMPLS, rounds: int = 7, warmup: int = 2, log=print) -> dict:
-    """Interleaved timing of each implementation; returns per-implementation results."""
+def run_speed(case: Case, impls=IMPLS, rounds: int = 7, warmup: int = 2, log=print,
+              rate_n: int = 2048) -> dict:
+    """Interleaved timing of each implementation; returns per-implementation results and
+    ``matmul_rate``, the machine's rate for the case's dtype (:func:`matmul_rate`, one sample
+    per round, taken between the implementations, median), so that the fraction of it each
+    implementation reaches compares the same stretch of a shared, noisy machine."""
     runners, skipped = {}, {}
     for impl in impls:
         try:
@@ -178,9 +182,13 @@ def run_speed(case: Case, impls=IMPLS, rounds: int = 7, warmup: int = 2, log=pri
             r.step()
     times = {impl: [] for impl in runners}
     order = list(runners)
+    rate_dtype = torch.bfloat16 if case.dtype == "bf16" else torch.float32
+    rate_samples = []
     for i in range(rounds):
         for impl in order[i % len(order):] + order[: i % len(order)]:
             times[impl].append(_timed(runners[impl].step))
+            if impl == order[0] and runners:
+                rate_samples.append(matmul_rate(rate_dtype, case.device, rate_n, repeats=1))
         log(f"  round {i + 1}/{rounds}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items()))
     flops = 2 * create_model(case.model, img_size=case.img_size, device="meta").flops(case.img_size)
     if case.mode == "train":
@@ -192,7 +200,8 @@ def run_speed(case: Case, impls=IMPLS, rounds: int = 7, warmup: int = 2, log=pri
             median_s=med, min_s=min(ts), max_s=max(ts), images_per_s=case.batch_size / med,
             flop_rate=flops * case.batch_size / med,
         )
-    return dict(results=results, skipped=skipped)
+    rate = statistics.median(rate_samples) if rate_samples else None
+    return dict(results=results, skipped=skipped, matmul_rate=rate)
 
 
 def peak_memory(case: Case, impl: str) -> int | None:
@@ -300,21 +309,23 @@ def report_markdown(env: dict, command: str, rows: list[dict], rates: dict, kern
         "",
         "Medians of interleaved iterations; `x swinv2` is the implementation's time over swinv2's"
         " (above 1: swinv2 is faster). `of matmul rate`: model FLOPs per second (official count,"
-        " training step = 3x forward) over the measured rate for that dtype.",
+        " training step = 3x forward) over the rate for that dtype sampled once per round during"
+        " the case (`rate` column; the run-start rate above where a case has none).",
         "",
-        "| case | implementation | images/s | median ms | x swinv2 | of matmul rate | peak memory |",
-        "|---|---|---|---|---|---|---|",
+        "| case | implementation | images/s | median ms | x swinv2 | of matmul rate | rate GFLOP/s | peak memory |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         res, ref = row["results"], row["results"].get("swinv2")
-        rate = rates.get("bf16" if row["case"]["dtype"] == "bf16" else "fp32")
+        rate = row.get("matmul_rate") or rates.get("bf16" if row["case"]["dtype"] == "bf16" else "fp32")
         for impl, r in res.items():
             ratio = f"{r['median_s'] / ref['median_s']:.2f}" if ref else "-"
             frac = f"{r['flop_rate'] / rate:.0%}" if rate else "-"
             mem = row.get("memory", {}).get(impl)
             mem = f"{mem / 2**20:.0f} MiB" if mem else "-"
+            rate_text_ = f"{rate / 1e9:.0f}" if rate else "-"
             lines.append(f"| {row['label']} | {impl} | {r['images_per_s']:.1f} | {r['median_s'] * 1e3:.0f} | "
-                         f"{ratio} | {frac} | {mem} |")
+                         f"{ratio} | {frac} | {rate_text_} | {mem} |")
         for impl, why in row.get("skipped", {}).items():
-            lines.append(f"| {row['label']} | {impl} | skipped: {why} | | | | |")
+            lines.append(f"| {row['label']} | {impl} | skipped: {why} | | | | | |")
     return "\n".join(lines) + "\n"

@@ -19,6 +19,16 @@ def test_run_speed_interleaves_and_reports_ratios():
     for r in out["results"].values():
         assert r["min_s"] <= r["median_s"] <= r["max_s"]
         assert r["images_per_s"] == pytest.approx(2 / r["median_s"])
+    assert out["matmul_rate"] > 1e8  # sampled during the rounds
+
+
+def test_run_speed_samples_the_matmul_rate_once_per_round(monkeypatch):
+    samples = iter([1e9, 5e9, 2e9, 4e9, 3e9])
+    seen = []
+    monkeypatch.setattr(bench, "matmul_rate", lambda *a, **k: seen.append(a) or next(samples))
+    case = bench.Case(model="swinv2_debug", img_size=64, batch_size=1)
+    out = bench.run_speed(case, impls=("swinv2",), rounds=5, warmup=0, log=lambda *_: None)
+    assert out["matmul_rate"] == 3e9 and len(seen) == 5 and seen[0][0] is torch.float32
 
 
 def test_same_network_across_implementations():
@@ -37,9 +47,12 @@ def test_report_ratios_and_rate_fraction():
         "timm": dict(median_s=0.75, images_per_s=2.67, flop_rate=33e9),
     }, memory={"swinv2": 3 * 2**20}, skipped={"torchvision": "no such variant"})]
     text = bench.report_markdown(bench.environment(), "swinv2 bench", rows, {"fp32": 100e9})
-    assert "| c | swinv2 | 4.0 | 500 | 1.00 | 50% | 3 MiB |" in text
-    assert "| c | timm | 2.7 | 750 | 1.50 | 33% | - |" in text
+    assert "| c | swinv2 | 4.0 | 500 | 1.00 | 50% | 100 | 3 MiB |" in text
+    assert "| c | timm | 2.7 | 750 | 1.50 | 33% | 100 | - |" in text
     assert "skipped: no such variant" in text
+    rows[0]["matmul_rate"] = 200e9  # the case's own rate, sampled during its rounds, wins
+    text = bench.report_markdown(bench.environment(), "swinv2 bench", rows, {"fp32": 100e9})
+    assert "| c | swinv2 | 4.0 | 500 | 1.00 | 25% | 200 | 3 MiB |" in text
 
 
 def test_peak_memory_grows_with_batch():
