@@ -80,7 +80,9 @@ static void run(job_t *j) {
             float inv[R];
             const __mmask16 tail = (N % 16) ? (__mmask16)((1u << (N % 16)) - 1) : (__mmask16)0xFFFF;
             if (NB <= 4) {
-                /* the row block's scores stay in registers: bias in the accumulators, then softmax */
+                /* N <= 64: the row block's scores stay in registers from the products to the
+                 * exponentials; the bias is added to the finished products (adding the products
+                 * onto it would round every partial sum at the bias's magnitude) */
                 __m512 acc[R][4];
                 for (int r = 0; r < R; r++)
                     for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
