@@ -190,6 +190,11 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     with a unit last one), ``bias`` None or (nb, nH, N, N) with window ``b`` using row
     ``b % nb`` (nb = 1: shared; nb = nW: the shifted-window masks). Returns (B_, nH, N, 32),
     a transposed view of a contiguous (B_, N, nH, 32) tensor. Check :func:`applies` first."""
+    if q.dim() != 4 or q.shape[-1] != HEAD_DIM or any(t.shape != q.shape for t in (k, v)):
+        raise ValueError(f"q, k and v must be (B_, nH, N, {HEAD_DIM}) of one shape, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in (q, k, v)):
+        raise ValueError("q, k and v must be float32 CPU tensors with a unit last stride")
     B, H, N, _ = q.shape
     if bias is not None:
         if bias.dim() != 4 or bias.shape[1:] != (H, N, N) or B % bias.shape[0]:

@@ -76,6 +76,19 @@ def test_kernel_rejects_a_bias_of_the_wrong_shape():
         native.window_attention(q, k, v, torch.zeros(1, 2, 16, 15))
 
 
+@needs_kernel
+def test_kernel_rejects_inputs_it_would_misread():
+    q, k, v = _qkv(4, 2, 16)
+    with pytest.raises(ValueError, match=r"must be \(B_, nH, N, 32\) of one shape"):
+        native.window_attention(q[..., :16], k[..., :16], v[..., :16], None)
+    with pytest.raises(ValueError, match="of one shape"):
+        native.window_attention(q, k[:, :, :8], v, None)
+    with pytest.raises(ValueError, match="float32 CPU tensors with a unit last stride"):
+        native.window_attention(q.double(), k.double(), v.double(), None)
+    with pytest.raises(ValueError, match="unit last stride"):
+        native.window_attention(q, k, torch.randn(4, 2, 32, 16).transpose(-1, -2), None)
+
+
 def test_applies_only_to_float32_inference_with_32_wide_heads():
     q, k, v = _qkv(2, 2, 16)
     if not native.available():
@@ -173,6 +186,16 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("SWINV2_CACHE_DIR", str(tmp_path))
     return tmp_path
+
+
+def test_available_wherever_it_can_be_built():
+    # The kernel tests skip when the kernel is off; a kernel that fails its own self-test is
+    # off too, so on a machine that can build it, being off is itself a failure.
+    import os
+
+    if native._cpu_supported() or native._compiler() is None or os.environ.get("SWINV2_NATIVE") == "0":
+        pytest.skip("this machine cannot run the native kernel")
+    assert native.available(), native.status()
 
 
 def test_turned_off_by_environment(fresh, monkeypatch):

@@ -46,6 +46,28 @@ typedef struct {
 #define D 32
 #define R 4
 
+/* The products of R query rows (qr) with key columns cb*16 .. cb*16 + nc*16 - 1 of the
+ * transposed keys kt (rows of stride ld): acc[r][c], nc <= 4 blocks of 16. */
+static inline __attribute__((always_inline)) void products(__m512 acc[R][4], const float *const qr[R],
+                                                           const float *kt, int64_t ld, int64_t cb, int nc) {
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int c = 0; c < D; c++) {
+        const float *kc = kt + c * ld + cb * 16;
+        __m512 kv0 = _mm512_load_ps(kc);
+        __m512 kv1 = nc > 1 ? _mm512_load_ps(kc + 16) : kv0;
+        __m512 kv2 = nc > 2 ? _mm512_load_ps(kc + 32) : kv0;
+        __m512 kv3 = nc > 3 ? _mm512_load_ps(kc + 48) : kv0;
+        for (int r = 0; r < R; r++) {
+            __m512 qb = _mm512_set1_ps(qr[r][c]);
+            acc[r][0] = _mm512_fmadd_ps(qb, kv0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(qb, kv1, acc[r][1]);
+            acc[r][2] = _mm512_fmadd_ps(qb, kv2, acc[r][2]);
+            acc[r][3] = _mm512_fmadd_ps(qb, kv3, acc[r][3]);
+        }
+    }
+}
+
 static void run(job_t *j) {
     const int64_t N = j->N, NB = (N + 15) / 16;
     float *kt = aligned_alloc(64, sizeof(float) * D * NB * 16);
@@ -101,22 +123,7 @@ static void run(job_t *j) {
                  * exponentials; the bias is added to the finished products (adding the products
                  * onto it would round every partial sum at the bias's magnitude) */
                 __m512 acc[R][4];
-                for (int r = 0; r < R; r++)
-                    for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
-                for (int c = 0; c < D; c++) {
-                    const float *kc = kt + c * NB * 16;
-                    __m512 kv0 = _mm512_load_ps(kc);
-                    __m512 kv1 = NB > 1 ? _mm512_load_ps(kc + 16) : kv0;
-                    __m512 kv2 = NB > 2 ? _mm512_load_ps(kc + 32) : kv0;
-                    __m512 kv3 = NB > 3 ? _mm512_load_ps(kc + 48) : kv0;
-                    for (int r = 0; r < R; r++) {
-                        __m512 qb = _mm512_set1_ps(qr[r][c]);
-                        acc[r][0] = _mm512_fmadd_ps(qb, kv0, acc[r][0]);
-                        acc[r][1] = _mm512_fmadd_ps(qb, kv1, acc[r][1]);
-                        acc[r][2] = _mm512_fmadd_ps(qb, kv2, acc[r][2]);
-                        acc[r][3] = _mm512_fmadd_ps(qb, kv3, acc[r][3]);
-                    }
-                }
+                products(acc, qr, kt, NB * 16, 0, (int)NB);
                 const __m512 ninf = _mm512_set1_ps(-INFINITY);
                 for (int r = 0; r < R; r++) {
                     const float *br = bias ? bias + (i0 + (r < rows ? r : 0)) * N : 0;
@@ -142,21 +149,7 @@ static void run(job_t *j) {
             for (int64_t cb = 0; cb < NB; cb += 4) {
                 const int nc = (NB - cb) < 4 ? (int)(NB - cb) : 4;
                 __m512 acc[R][4];
-                for (int r = 0; r < R; r++) for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
-                for (int c = 0; c < D; c++) {
-                    const float *kc = kt + c * NB * 16 + cb * 16;
-                    __m512 kv0 = _mm512_load_ps(kc);
-                    __m512 kv1 = nc > 1 ? _mm512_load_ps(kc + 16) : kv0;
-                    __m512 kv2 = nc > 2 ? _mm512_load_ps(kc + 32) : kv0;
-                    __m512 kv3 = nc > 3 ? _mm512_load_ps(kc + 48) : kv0;
-                    for (int r = 0; r < R; r++) {
-                        __m512 qb = _mm512_set1_ps(qr[r][c]);
-                        acc[r][0] = _mm512_fmadd_ps(qb, kv0, acc[r][0]);
-                        acc[r][1] = _mm512_fmadd_ps(qb, kv1, acc[r][1]);
-                        acc[r][2] = _mm512_fmadd_ps(qb, kv2, acc[r][2]);
-                        acc[r][3] = _mm512_fmadd_ps(qb, kv3, acc[r][3]);
-                    }
-                }
+                products(acc, qr, kt, NB * 16, cb, nc);
                 for (int r = 0; r < R; r++)
                     for (int c = 0; c < nc; c++) _mm512_store_ps(s + r * NB * 16 + (cb + c) * 16, acc[r][c]);
             }
