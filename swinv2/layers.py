@@ -565,8 +565,14 @@ class WindowAttention(nn.Module):
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
         # 2-D, so that qkv is the GEMM's own output rather than a view of it (see _CosineQK)
-        qkv, normalized = self._normalize_qk(linear(x.reshape(B_ * N, C), self.qkv.weight, bias))  # (B_*N, 3C)
-        q, k, v = qkv.view(B_, N, 3, nH, C // nH).permute(2, 0, 3, 1, 4).unbind(0)  # (B_, nH, N, d) each
+        qkv = linear(x.reshape(B_ * N, C), self.qkv.weight, bias)  # (B_*N, 3C)
+        split = lambda t: t.view(B_, N, 3, nH, C // nH).permute(2, 0, 3, 1, 4).unbind(0)  # noqa: E731
+        q, k, v = split(qkv)  # (B_, nH, N, d) each
+        # The native kernel normalises q and k as it reads them; otherwise they are scaled here.
+        normalized = False
+        if not self._takes_native(q, k, v):
+            qkv, normalized = self._normalize_qk(qkv)
+            q, k, v = split(qkv)
 
         rel = self.relative_bias(window)  # (nH, N, N) or None
         chunk = self.windows_per_chunk(B_, N, q.dtype)
@@ -603,6 +609,11 @@ class WindowAttention(nn.Module):
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
             return qkv, False
         return _CosineQK.apply(qkv, scale, self.num_heads), True
+
+    def _takes_native(self, q, k, v) -> bool:
+        """Whether :meth:`_fused` hands these (B_, nH, N, d) inputs to the native kernel."""
+        drop = self.attn_drop.p if self.training else 0.0
+        return self.fused_attn and self.native and not drop and native.applies(q, k, v)
 
     def _attend(self, q, k, v, rel, mask, normalized: bool = False) -> torch.Tensor:
         if self.fused_attn:
@@ -661,15 +672,20 @@ class WindowAttention(nn.Module):
     def _fused(self, q, k, v, rel, mask, normalized: bool = False) -> torch.Tensor:
         """The same attention in fewer, fused kernels: the cosine normalisation and the
         clamped logit scale (or 1/sqrt(d)) are folded into q and k (already done when
-        ``normalized``), and position bias plus mask become one additive term.
+        ``normalized``; inside the kernel on the native path), and position bias plus mask
+        become one additive term.
         (B_, nH, N, d) each -> (B_, nH, N, d)."""
         B_, nH, N, d = q.shape
         # Decided on the dtype q arrives in (the autocast dtype): a float32 logit scale
         # would promote it below, so the kernel's scale is cast to q's dtype instead. Only
         # with gradients: without, scaled_dot_product_attention measured ~4% faster.
         matmul = q.device.type == "cpu" and q.dtype in self.cpu_matmul_dtypes and torch.is_grad_enabled()
+        use_native = self._takes_native(q, k, v)
+        cosine_scale = None  # the native kernel's: it normalises q and k itself
         if self.attn_type != "cosine":
             q = q * d**-0.5
+        elif not normalized and use_native:
+            cosine_scale = self.logit_scale_value()
         elif not normalized:  # autocast, compile, tracing, or the reference
             scale = self.logit_scale_value()
             q = F.normalize(q, dim=-1) * (scale.to(q.dtype) if matmul else scale)
@@ -679,10 +695,10 @@ class WindowAttention(nn.Module):
             m = mask[:, None].to(q.dtype)  # (nW, 1, N, N)
             bias = m if bias is None else bias + m  # (nW, nH | 1, N, N)
         drop = self.attn_drop.p if self.training else 0.0
-        if not drop and self.native and native.applies(q, k, v):
+        if use_native:
             if bias is not None:
                 bias = bias.expand(bias.shape[0], nH, N, N)  # (nW | 1, nH, N, N)
-            return native.window_attention(q, k, v, bias)
+            return native.window_attention(q, k, v, bias, cosine_scale, NORM_EPS)
         if matmul:
             return _matmul_attention(q, k, v, bias, drop, self.training)
         if bias is not None and mask is not None:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 HEAD_DIM = 32  # the kernel's head width (every SwinV2 size uses 32)
+NORM_EPS = 1e-12  # the floor of the q and k norms in cosine attention (F.normalize's default)
 _SOURCE = Path(__file__).with_name("kernels") / "window_attention.c"
 _FLAGS = ["-O3", "-std=gnu11", "-mavx512f", "-mavx512dq", "-mfma", "-fPIC", "-shared", "-fopenmp"]
 _CPU_FLAGS = ("avx512f", "avx512dq", "fma")
@@ -90,22 +91,29 @@ def _build(cc: str, force: bool = False) -> Path:
 def _load(path: Path):
     fn = ctypes.CDLL(str(path)).window_attention_f32
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
+    fn.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_float] + [ctypes.c_int64] * 4
+                   + [ctypes.POINTER(ctypes.c_int64), ctypes.c_int])
     return fn
 
 
 def _self_test(fn) -> str | None:
-    """None when the kernel matches scaled_dot_product_attention on random inputs."""
+    """None when the kernel matches scaled_dot_product_attention on random inputs, as given
+    and as cosine attention."""
     g = torch.Generator().manual_seed(0)
-    for B, H, N, nb in ((6, 3, 64, 3), (4, 2, 49, 1), (2, 2, 81, 2)):
+    for B, H, N, nb, cosine in ((6, 3, 64, 3, False), (4, 2, 49, 1, False), (2, 2, 81, 2, False),
+                                (6, 3, 64, 3, True), (2, 2, 81, 1, True)):
         qkv = torch.randn(B, N, 3, H, HEAD_DIM, generator=g)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         bias = torch.randn(nb, H, N, N, generator=g) * 4
+        scale = torch.rand(H, generator=g) * 99 + 1 if cosine else None
+        q64, k64 = q.double(), k.double()
+        if cosine:
+            q64 = F.normalize(q64, dim=-1) * scale.double().view(H, 1, 1)
+            k64 = F.normalize(k64, dim=-1)
         want = F.scaled_dot_product_attention(
-            q.double(), k.double(), v.double(), scale=1.0,
-            attn_mask=bias.double().repeat(B // nb, 1, 1, 1),
+            q64, k64, v.double(), scale=1.0, attn_mask=bias.double().repeat(B // nb, 1, 1, 1),
         )
-        got = _call(fn, q, k, v, bias)
+        got = _call(fn, q, k, v, bias, scale)
         if got is None:
             return "the kernel failed on its self-test"
         err = ((got.double() - want).abs().max() / want.abs().max()).item()
@@ -114,7 +122,7 @@ def _self_test(fn) -> str | None:
     return None
 
 
-def _call(fn, q, k, v, bias) -> torch.Tensor | None:
+def _call(fn, q, k, v, bias, scale=None, eps: float = NORM_EPS) -> torch.Tensor | None:
     B, H, N, _ = q.shape
     out = torch.empty(B, N, H, HEAD_DIM, dtype=torch.float32)
     strides = (ctypes.c_int64 * 12)(
@@ -122,7 +130,7 @@ def _call(fn, q, k, v, bias) -> torch.Tensor | None:
     )
     nb = 1 if bias is None else bias.shape[0]
     status = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
-                B, H, N, nb, strides, torch.get_num_threads())
+                0 if scale is None else scale.data_ptr(), eps, B, H, N, nb, strides, torch.get_num_threads())
     return None if status else out.transpose(1, 2)  # (B, H, N, d)
 
 
@@ -185,11 +193,16 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return q.stride(-1) == 1 and available()
 
 
-def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                     cosine_scale: torch.Tensor | None = None, eps: float = NORM_EPS) -> torch.Tensor:
     """softmax(q kᵀ + bias) v for q, k, v (B_, nH, N, 32) float32 CPU tensors (any strides
     with a unit last one), ``bias`` None or (nb, nH, N, N) with window ``b`` using row
     ``b % nb`` (nb = 1: shared; nb = nW: the shifted-window masks). Returns (B_, nH, N, 32),
-    a transposed view of a contiguous (B_, N, nH, 32) tensor. Check :func:`applies` first."""
+    a transposed view of a contiguous (B_, N, nH, 32) tensor. Check :func:`applies` first.
+
+    With ``cosine_scale`` (nH values, one per head) this is SwinV2's cosine attention: q
+    becomes ``F.normalize(q, eps=eps)`` times its head's scale and k ``F.normalize(k, eps=eps)``
+    inside the kernel, as they are read (no pass over q and k before it)."""
     if q.dim() != 4 or q.shape[-1] != HEAD_DIM or any(t.shape != q.shape for t in (k, v)):
         raise ValueError(f"q, k and v must be (B_, nH, N, {HEAD_DIM}) of one shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -200,7 +213,11 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         if bias.dim() != 4 or bias.shape[1:] != (H, N, N) or B % bias.shape[0]:
             raise ValueError(f"bias must be (nb, {H}, {N}, {N}) with nb dividing {B}, got {tuple(bias.shape)}")
         bias = bias.to(torch.float32).contiguous()
-    out = _call(_function(), q, k, v, bias)
+    if cosine_scale is not None:
+        if cosine_scale.numel() != H:
+            raise ValueError(f"cosine_scale must hold one value per head ({H}), got {tuple(cosine_scale.shape)}")
+        cosine_scale = cosine_scale.detach().to("cpu", torch.float32).reshape(H).contiguous()
+    out = _call(_function(), q, k, v, bias, cosine_scale, eps)
     if out is None:
         raise MemoryError("the native window-attention kernel could not allocate its scratch memory")
     return out

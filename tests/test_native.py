@@ -104,6 +104,35 @@ def test_applies_only_to_float32_inference_with_32_wide_heads():
         assert native.applies(qg, k, v)
 
 
+@needs_kernel
+@pytest.mark.parametrize("N", [1, 16, 49, 64, 81, 144])
+def test_kernel_cosine_attention_matches_float64(N):
+    """With per-head scales the kernel normalises q and k itself: against F.normalize and the
+    scale in float64, with a head at the clamp (100), a zero q row and a zero k row (the norm
+    floor: F.normalize makes them 0), and as close as PyTorch's float32 path."""
+    B, H, nW = 4, 3, 2
+    g = torch.Generator().manual_seed(N)
+    qkv = torch.randn(B, N, 3, H, 32, generator=g) * 3
+    qkv[1, 0, 0] = 0.0  # a zero q row
+    qkv[2, N - 1, 1] = 0.0  # a zero k row
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    scale = torch.tensor([100.0, 12.5, 1.0])
+    bias = 16 * torch.rand(nW, H, N, N, generator=g)
+    bias[:, :, : N // 2, N // 2 :] -= 100.0
+    s64 = scale.double().view(H, 1, 1)
+    want = _truth(F.normalize(q.double(), dim=-1) * s64, F.normalize(k.double(), dim=-1), v, bias)
+    got = native.window_attention(q, k, v, bias, scale)
+    assert rel_err(got, want) < 1e-6
+    ref32 = F.scaled_dot_product_attention(
+        F.normalize(q, dim=-1) * scale.view(H, 1, 1), F.normalize(k, dim=-1), v,
+        attn_mask=bias.repeat(B // nW, 1, 1, 1), scale=1.0)
+    assert rel_err(got, want) < 3 * rel_err(ref32, want) + 1e-7
+    if N > 1:  # the scales matter (one token's softmax is 1 whatever they are)
+        assert rel_err(native.window_attention(q, k, v, bias), want) > 1e-2
+    with pytest.raises(ValueError, match="one value per head"):
+        native.window_attention(q, k, v, bias, scale[:2])
+
+
 def _count_calls(monkeypatch) -> list:
     calls = []
     real = native.window_attention
@@ -242,10 +271,25 @@ def test_builds_once_into_the_cache_and_rebuilds_a_damaged_library(fresh, monkey
 def test_self_test_catches_a_wrong_kernel(fresh, monkeypatch):
     real = native._call
 
-    def off_by_a_little(fn, q, k, v, bias):
-        out = real(fn, q, k, v, bias)
+    def off_by_a_little(fn, *args):
+        out = real(fn, *args)
         return out * (1 + 1e-4)
 
     monkeypatch.setattr(native, "_call", off_by_a_little)
     assert not native.available()
     assert "self-test error was 1.0e-04" in native.status()
+
+
+@needs_kernel
+def test_self_test_checks_the_cosine_attention(fresh, monkeypatch):
+    real = native._call
+
+    def unscaled_keys(fn, q, k, v, bias, scale=None, eps=native.NORM_EPS):
+        # right without the cosine factors, wrong with them: k left unnormalised
+        if scale is None:
+            return real(fn, q, k, v, bias)
+        return real(fn, F.normalize(q, dim=-1) * scale.view(-1, 1, 1), k, v, bias)
+
+    monkeypatch.setattr(native, "_call", unscaled_keys)
+    assert not native.available()
+    assert "self-test error" in native.status()

@@ -7,6 +7,10 @@
  * k is transposed once into a scratch buffer, then 4 query rows at a time get their scores
  * (kept in registers when N <= 64), softmax and output rows.
  *
+ * With per-head scales (cosine attention, SwinV2) each q row is first scaled to
+ * scale[h] / max(||q||, eps) and each k row to 1 / max(||k||, eps), as F.normalize and the
+ * logit scale do: the products then see the same rounded q and k as PyTorch's path.
+ *
  * Built and loaded by swinv2/native.py, which also checks it against PyTorch before use.
  */
 #include <immintrin.h>
@@ -35,6 +39,8 @@ static inline __m512 exp_neg(__m512 x) {
 
 typedef struct {
     const float *q, *k, *v, *bias; float *o;
+    const float *scale;            /* cosine attention: per-head logit scales, or NULL */
+    float eps;                     /* cosine attention: the floor of the q and k norms */
     int64_t B, H, N, nb;           /* windows, heads, tokens, bias windows (1 or nW) */
     int64_t sqb, sqh, sqn;         /* q/k/v strides (elements): window, head, token; d contiguous */
     int64_t skb, skh, skn, svb, svh, svn;
@@ -72,8 +78,9 @@ static void run(job_t *j) {
     const int64_t N = j->N, NB = (N + 15) / 16;
     float *kt = aligned_alloc(64, sizeof(float) * D * NB * 16);
     float *s = aligned_alloc(64, sizeof(float) * R * NB * 16);
-    if (!kt || !s) {
-        free(kt); free(s);
+    float *qs = aligned_alloc(64, sizeof(float) * R * D);
+    if (!kt || !s || !qs) {
+        free(kt); free(s); free(qs);
         j->status = -1;
         return;
     }
@@ -109,13 +116,37 @@ static void run(job_t *j) {
             const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15),
                                                    _mm512_set1_epi32((int)j->skn));
             const float *kb = k + n0 * j->skn;
-            for (int c = 0; c < D; c++)
-                _mm512_store_ps(kt + c * NB * 16 + n0, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, kb + c, 4));
+            __m512 ss = _mm512_setzero_ps();
+            for (int c = 0; c < D; c++) {
+                const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, kb + c, 4);
+                _mm512_store_ps(kt + c * NB * 16 + n0, g);
+                ss = _mm512_fmadd_ps(g, g, ss);
+            }
+            if (j->scale) {
+                /* 16 keys' norms at once, one lane each; padded lanes stay 0 */
+                const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_max_ps(_mm512_sqrt_ps(ss), _mm512_set1_ps(j->eps)));
+                for (int c = 0; c < D; c++) {
+                    float *kc = kt + c * NB * 16 + n0;
+                    _mm512_store_ps(kc, _mm512_mul_ps(_mm512_load_ps(kc), inv));
+                }
+            }
         }
         for (int64_t i0 = 0; i0 < N; i0 += R) {
             const int rows = (N - i0) < R ? (int)(N - i0) : R;
             const float *qr[R];
             for (int r = 0; r < R; r++) qr[r] = q + (i0 + (r < rows ? r : 0)) * j->sqn;
+            if (j->scale) {
+                /* q rows scaled to scale / max(||q||, eps), into a contiguous block */
+                const float sh = j->scale[h];
+                for (int r = 0; r < R; r++) {
+                    const __m512 a = _mm512_loadu_ps(qr[r]), b = _mm512_loadu_ps(qr[r] + 16);
+                    const float norm = sqrtf(_mm512_reduce_add_ps(_mm512_fmadd_ps(a, a, _mm512_mul_ps(b, b))));
+                    const __m512 f = _mm512_set1_ps(sh * (1.0f / (norm > j->eps ? norm : j->eps)));
+                    _mm512_store_ps(qs + r * D, _mm512_mul_ps(a, f));
+                    _mm512_store_ps(qs + r * D + 16, _mm512_mul_ps(b, f));
+                    qr[r] = qs + r * D;
+                }
+            }
             float inv[R];
             const __mmask16 tail = (N % 16) ? (__mmask16)((1u << (N % 16)) - 1) : (__mmask16)0xFFFF;
             if (NB <= 4) {
@@ -197,13 +228,16 @@ static void run(job_t *j) {
             }
         }
     }
-    free(kt); free(s);
+    free(kt); free(s); free(qs);
 }
 
-/* Returns 0 on success, -1 when scratch memory ran out (the output is then incomplete).
+/* scale: NULL for softmax(q k^T + bias) v as given, or H per-head factors for cosine attention
+ * (q and k normalised with the floor eps, q times its head's factor).
+ * Returns 0 on success, -1 when scratch memory ran out (the output is then incomplete).
  * The (window, head) pairs are split evenly over `threads` OpenMP threads: linked against the
  * OpenMP runtime PyTorch has already loaded, this is PyTorch's own thread pool. */
 int window_attention_f32(const float *q, const float *k, const float *v, const float *bias, float *o,
+                         const float *scale, float eps,
                          int64_t B, int64_t H, int64_t N, int64_t nb, const int64_t *st, int threads) {
     const int64_t tasks = B * H;
     int status = 0;
@@ -212,7 +246,7 @@ int window_attention_f32(const float *q, const float *k, const float *v, const f
 #pragma omp parallel num_threads(threads) reduction(| : status)
     {
         const int64_t i = omp_get_thread_num(), n = omp_get_num_threads();
-        job_t j = {q, k, v, bias, o, B, H, N, nb, st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7], st[8],
+        job_t j = {q, k, v, bias, o, scale, eps, B, H, N, nb, st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7], st[8],
                    st[9], st[10], st[11], tasks * i / n, tasks * (i + 1) / n, 0};
         run(&j);
         status |= j.status;
