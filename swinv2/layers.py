@@ -528,7 +528,9 @@ class WindowAttention(nn.Module):
 
         It depends on the weights only, so while no gradient is needed (evaluation,
         inference) it is computed once and reused until a weight changes (detected through
-        the parameters' version counters, which optimizers and loading bump).
+        the parameters' version counters, which optimizers and loading bump). Under autocast
+        the MLP runs in the autocast dtype, as the official code's does, so the cached bias
+        is kept per autocast dtype too: one computed in bfloat16 never serves float32 calls.
         """
         if self.position_bias == "none":
             return None
@@ -536,7 +538,11 @@ class WindowAttention(nn.Module):
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._relative_bias(window)
         params = [p for n, p in self.named_parameters() if n.startswith(("cpb_mlp", "relative_position"))]
-        stamp = tuple((id(p), p._version, p.device, p.dtype) for p in params)
+        device = params[0].device.type if params else "cpu"
+        autocast = None
+        if device in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device):
+            autocast = torch.get_autocast_dtype(device)
+        stamp = (autocast,) + tuple((id(p), p._version, p.device, p.dtype) for p in params)
         cached = self._cache.get(("bias", window))
         if cached is None or cached[0] != stamp:
             cached = (stamp, self._relative_bias(window))

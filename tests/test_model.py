@@ -1133,3 +1133,21 @@ def test_batch_chunking_options_and_config():
         with pytest.raises(ValueError, match="batch_chunk_mb"):
             model.set_batch_chunking(bad)
     assert model.config["batch_chunk_mb"] == 32.0  # a refused value changes nothing
+
+
+def test_position_bias_cache_is_kept_per_autocast_dtype():
+    """A bias cached under bfloat16 autocast (computed in bfloat16, as the official code does)
+    must not serve later float32 inference, nor the other way round."""
+    model = debug_model().eval()
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(x)  # fills the cache in bfloat16 first
+        assert torch.equal(model(x), twin(x))  # float32 as if never run under autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model(x), mixed)
+        attn = model.layers[0].blocks[0].attn
+        assert attn.relative_bias((4, 4)).dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert attn.relative_bias((4, 4)).dtype == torch.bfloat16
