@@ -255,7 +255,7 @@ def swinv2_settings() -> str:
 
     return (f"batch chunks of at most {DEFAULT_BATCH_CHUNK_MB:g} MiB per block tensor on a CPU (batch_chunk_mb), "
             f"oneDNN Linear layers {'on' if layers.ONEDNN_LINEAR else 'off'} (layers.ONEDNN_LINEAR), "
-            f"native float32 window attention {native.status()} (swinv2.native)")
+            f"native window attention (float32, bfloat16) {native.status()} (swinv2.native)")
 
 
 def environment(device: str = "cpu") -> dict:

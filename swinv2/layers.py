@@ -472,8 +472,8 @@ class WindowAttention(nn.Module):
         # True: one fused scaled_dot_product_attention call; False: the explicit reference
         # computation (matmul, bias, mask, softmax, matmul) as in the official code.
         self.fused_attn = True
-        # On the fused path in float32 inference on an AVX-512 CPU: the native kernel of
-        # swinv2.native instead of scaled_dot_product_attention (when it is available).
+        # On the fused path in float32 or bfloat16 inference on an AVX-512 CPU: the native
+        # kernel of swinv2.native instead of scaled_dot_product_attention (when available).
         self.native = True
         self.reset_parameters()
         # Sequential attention (paper §3.5): windows are attended in chunks of
@@ -696,9 +696,11 @@ class WindowAttention(nn.Module):
             scale = self.logit_scale_value()
             q = F.normalize(q, dim=-1) * (scale.to(q.dtype) if matmul else scale)
             k = F.normalize(k, dim=-1)
-        bias = None if rel is None else rel.unsqueeze(0).to(q.dtype)  # (1, nH, N, N)
+        # the native kernel adds the bias in float32 whatever q's dtype
+        bias_dtype = torch.float32 if use_native else q.dtype
+        bias = None if rel is None else rel.unsqueeze(0).to(bias_dtype)  # (1, nH, N, N)
         if mask is not None:
-            m = mask[:, None].to(q.dtype)  # (nW, 1, N, N)
+            m = mask[:, None].to(bias_dtype)  # (nW, 1, N, N)
             bias = m if bias is None else bias + m  # (nW, nH | 1, N, N)
         drop = self.attn_drop.p if self.training else 0.0
         if use_native:

@@ -1,10 +1,12 @@
-"""A native float32 window-attention kernel for AVX-512 CPUs (inference).
+"""A native window-attention kernel for AVX-512 CPUs (inference, float32 and bfloat16).
 
 PyTorch's CPU attention kernel and its batched matmuls reach ~55 GFLOP/s on SwinV2's
 64-token, 32-wide heads on a 2-core AVX-512 machine, where the same machine's GEMMs run at
 ~400: small per-(window, head) matrix products pay call overheads, and on AMD CPUs the BLAS
 they call takes a narrower code path. ``kernels/window_attention.c`` does the whole
 softmax(q kᵀ + bias) v of a (window, head) in registers and a few cache lines, 1.4-2x faster.
+bfloat16 q, k and v (autocast inference) are widened as they are read and computed in
+float32, so only the output is rounded to bfloat16.
 
 It is compiled on first use with the system's C compiler (``$CC``, else ``cc``/``gcc``) into
 a per-user cache (``$SWINV2_CACHE_DIR``, else ``~/.cache/swinv2``), atomically, so that
@@ -89,48 +91,58 @@ def _build(cc: str, force: bool = False) -> Path:
 
 
 def _load(path: Path):
-    fn = ctypes.CDLL(str(path)).window_attention_f32
+    fn = ctypes.CDLL(str(path)).window_attention
     fn.restype = ctypes.c_int
-    fn.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_float] + [ctypes.c_int64] * 4
+    fn.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_int] + [ctypes.c_int64] * 4
                    + [ctypes.POINTER(ctypes.c_int64), ctypes.c_int])
     return fn
 
 
+# The kernel's element types, and the largest error its self-test allows for each: float32
+# computes like PyTorch's float32 kernels; bfloat16 inputs are exact in float32, and the
+# output's rounding to bfloat16 costs at most 2^-9 of each value.
+DTYPES = {torch.float32: 1e-5, torch.bfloat16: 4e-3}
+
+
 def _self_test(fn) -> str | None:
-    """None when the kernel matches scaled_dot_product_attention on random inputs, as given
-    and as cosine attention."""
+    """None when the kernel matches scaled_dot_product_attention in float64 on random inputs,
+    as given and as cosine attention, in float32 and in bfloat16."""
     g = torch.Generator().manual_seed(0)
-    for B, H, N, nb, cosine in ((6, 3, 64, 3, False), (4, 2, 49, 1, False), (2, 2, 81, 2, False),
-                                (6, 3, 64, 3, True), (2, 2, 81, 1, True)):
-        qkv = torch.randn(B, N, 3, H, HEAD_DIM, generator=g)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        bias = torch.randn(nb, H, N, N, generator=g) * 4
-        scale = torch.rand(H, generator=g) * 99 + 1 if cosine else None
-        q64, k64 = q.double(), k.double()
-        if cosine:
-            q64 = F.normalize(q64, dim=-1) * scale.double().view(H, 1, 1)
-            k64 = F.normalize(k64, dim=-1)
-        want = F.scaled_dot_product_attention(
-            q64, k64, v.double(), scale=1.0, attn_mask=bias.double().repeat(B // nb, 1, 1, 1),
-        )
-        got = _call(fn, q, k, v, bias, scale)
-        if got is None:
-            return "the kernel failed on its self-test"
-        err = ((got.double() - want).abs().max() / want.abs().max()).item()
-        if not err < 1e-5:
-            return f"the kernel's self-test error was {err:.1e}"
+    for dtype, tol in DTYPES.items():
+        for B, H, N, nb, cosine in ((6, 3, 64, 3, False), (4, 2, 49, 1, False), (2, 2, 81, 2, False),
+                                    (6, 3, 64, 3, True), (2, 2, 81, 1, True)):
+            qkv = torch.randn(B, N, 3, H, HEAD_DIM, generator=g).to(dtype)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            bias = torch.randn(nb, H, N, N, generator=g) * 4
+            scale = torch.rand(H, generator=g) * 99 + 1 if cosine else None
+            q64, k64 = q.double(), k.double()
+            if cosine:
+                q64 = F.normalize(q64, dim=-1) * scale.double().view(H, 1, 1)
+                k64 = F.normalize(k64, dim=-1)
+            want = F.scaled_dot_product_attention(
+                q64, k64, v.double(), scale=1.0, attn_mask=bias.double().repeat(B // nb, 1, 1, 1),
+            )
+            got = _call(fn, q, k, v, bias, scale)
+            if got is None:
+                return "the kernel failed on its self-test"
+            if got.dtype != dtype:
+                return f"the kernel returned {got.dtype} for {dtype} inputs"
+            err = ((got.double() - want).abs().max() / want.abs().max()).item()
+            if not err < tol:
+                return f"the kernel's self-test error was {err:.1e} in {str(dtype).split('.')[-1]}"
     return None
 
 
 def _call(fn, q, k, v, bias, scale=None, eps: float = NORM_EPS) -> torch.Tensor | None:
     B, H, N, _ = q.shape
-    out = torch.empty(B, N, H, HEAD_DIM, dtype=torch.float32)
+    out = torch.empty(B, N, H, HEAD_DIM, dtype=q.dtype)
     strides = (ctypes.c_int64 * 12)(
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], out.stride(0), out.stride(2), out.stride(1)
     )
     nb = 1 if bias is None else bias.shape[0]
     status = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
-                0 if scale is None else scale.data_ptr(), eps, B, H, N, nb, strides, torch.get_num_threads())
+                0 if scale is None else scale.data_ptr(), eps, int(q.dtype == torch.bfloat16),
+                B, H, N, nb, strides, torch.get_num_threads())
     return None if status else out.transpose(1, 2)  # (B, H, N, d)
 
 
@@ -178,27 +190,32 @@ def status() -> str:
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether :func:`window_attention` takes these (B_, nH, N, d) inputs: float32 on the CPU,
-    32-wide heads with unit stride, no gradient needed, not while compiling, tracing or
-    exporting (those record PyTorch operators), and the kernel available."""
-    if q.device.type != "cpu" or q.dtype != torch.float32 or q.shape[-1] != HEAD_DIM:
+    """Whether :func:`window_attention` takes these (B_, nH, N, d) inputs: float32 or
+    bfloat16 (all three alike) on the CPU, 32-wide heads with unit stride, no gradient needed,
+    not while compiling, tracing or exporting (those record PyTorch operators), and the
+    kernel available."""
+    if q.device.type != "cpu" or q.dtype not in DTYPES or q.shape[-1] != HEAD_DIM:
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
     if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
             or torch.onnx.is_in_onnx_export()):
         return False
-    if not all(t.dtype == torch.float32 and t.shape == q.shape and t.stride(-1) == 1 for t in (k, v)):
+    if not all(t.dtype == q.dtype and t.shape == q.shape and t.stride(-1) == 1 for t in (k, v)):
         return False
     return q.stride(-1) == 1 and available()
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                      cosine_scale: torch.Tensor | None = None, eps: float = NORM_EPS) -> torch.Tensor:
-    """softmax(q kᵀ + bias) v for q, k, v (B_, nH, N, 32) float32 CPU tensors (any strides
-    with a unit last one), ``bias`` None or (nb, nH, N, N) with window ``b`` using row
-    ``b % nb`` (nb = 1: shared; nb = nW: the shifted-window masks). Returns (B_, nH, N, 32),
-    a transposed view of a contiguous (B_, N, nH, 32) tensor. Check :func:`applies` first.
+    """softmax(q kᵀ + bias) v for q, k, v (B_, nH, N, 32) CPU tensors of one dtype, float32 or
+    bfloat16 (any strides with a unit last one), ``bias`` None or (nb, nH, N, N) with window
+    ``b`` using row ``b % nb`` (nb = 1: shared; nb = nW: the shifted-window masks), used in
+    float32. Returns (B_, nH, N, 32) in q's dtype, a transposed view of a contiguous
+    (B_, N, nH, 32) tensor. Check :func:`applies` first.
+
+    bfloat16 inputs are computed in float32 (normalisation, products, softmax, bias), and only
+    the output is rounded to bfloat16.
 
     With ``cosine_scale`` (nH values, one per head) this is SwinV2's cosine attention: q
     becomes ``F.normalize(q, eps=eps)`` times its head's scale and k ``F.normalize(k, eps=eps)``
@@ -206,8 +223,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     if q.dim() != 4 or q.shape[-1] != HEAD_DIM or any(t.shape != q.shape for t in (k, v)):
         raise ValueError(f"q, k and v must be (B_, nH, N, {HEAD_DIM}) of one shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in (q, k, v)):
-        raise ValueError("q, k and v must be float32 CPU tensors with a unit last stride")
+    if not all(t.device.type == "cpu" and t.dtype == q.dtype and t.stride(-1) == 1 for t in (q, k, v)) or (
+            q.dtype not in DTYPES):
+        raise ValueError("q, k and v must be CPU tensors of one dtype, float32 or bfloat16, with a unit last "
+                         f"stride; got {q.dtype}, {k.dtype}, {v.dtype}")
     B, H, N, _ = q.shape
     if bias is not None:
         if bias.dim() != 4 or bias.shape[1:] != (H, N, N) or B % bias.shape[0]:

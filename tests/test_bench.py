@@ -82,7 +82,7 @@ def test_cli_writes_a_dated_report(tmp_path, capsys):
     assert "swinv2 settings: batch chunks of at most 32 MiB" in text and "oneDNN Linear layers on" in text
     from swinv2 import native
 
-    assert f"native float32 window attention {native.status()} (swinv2.native)" in text
+    assert f"native window attention (float32, bfloat16) {native.status()} (swinv2.native)" in text
     # later runs the same day (even the same minute) write beside the first report, not over it
     for _ in range(2):
         assert main(["bench", "--model", "swinv2_debug", "--img-size", "64", "--batch-size", "2", "--rounds", "1",

@@ -1,7 +1,8 @@
-"""The native float32 window-attention kernel (swinv2.native): against PyTorch's attention in
-float64, inside the model against the reference path and against timm at 32-wide heads (the
-width every SwinV2 size uses, and the only one the kernel takes), and its fallbacks: turned
-off, no compiler, a corrupt cached library, a kernel that computes the wrong thing."""
+"""The native window-attention kernel (swinv2.native), float32 and bfloat16: against PyTorch's
+attention in float64, inside the model against the reference path and against timm at 32-wide
+heads (the width every SwinV2 size uses, and the only one the kernel takes), and its
+fallbacks: turned off, no compiler, a corrupt cached library, a kernel that computes the wrong
+thing."""
 
 from __future__ import annotations
 
@@ -83,19 +84,26 @@ def test_kernel_rejects_inputs_it_would_misread():
         native.window_attention(q[..., :16], k[..., :16], v[..., :16], None)
     with pytest.raises(ValueError, match="of one shape"):
         native.window_attention(q, k[:, :, :8], v, None)
-    with pytest.raises(ValueError, match="float32 CPU tensors with a unit last stride"):
+    with pytest.raises(ValueError, match="one dtype, float32 or bfloat16, with a unit last stride; got torch.float64"):
         native.window_attention(q.double(), k.double(), v.double(), None)
+    with pytest.raises(ValueError, match="got torch.float16"):
+        native.window_attention(q.half(), k.half(), v.half(), None)
+    with pytest.raises(ValueError, match="got torch.bfloat16, torch.float32, torch.float32"):
+        native.window_attention(q.bfloat16(), k, v, None)  # mixed: a 2-byte q read as 4-byte rows
     with pytest.raises(ValueError, match="unit last stride"):
         native.window_attention(q, k, torch.randn(4, 2, 32, 16).transpose(-1, -2), None)
 
 
-def test_applies_only_to_float32_inference_with_32_wide_heads():
+def test_applies_only_to_float32_or_bfloat16_inference_with_32_wide_heads():
     q, k, v = _qkv(2, 2, 16)
     if not native.available():
         assert not native.applies(q, k, v)
         return
     assert native.applies(q, k, v)
+    assert native.applies(q.bfloat16(), k.bfloat16(), v.bfloat16())
     assert not native.applies(q.double(), k.double(), v.double())
+    assert not native.applies(q.half(), k.half(), v.half())
+    assert not native.applies(q.bfloat16(), k, v)
     assert not native.applies(q[..., :16], k[..., :16], v[..., :16])
     assert not native.applies(q, k, v.transpose(-1, -2))  # no unit stride on the last dim
     qg = q.detach().requires_grad_()
@@ -131,6 +139,75 @@ def test_kernel_cosine_attention_matches_float64(N):
         assert rel_err(native.window_attention(q, k, v, bias), want) > 1e-2
     with pytest.raises(ValueError, match="one value per head"):
         native.window_attention(q, k, v, bias, scale[:2])
+
+
+def _bf16_case(B, H, N, nW, seed):
+    """bfloat16 q, k, v (strided views of one qkv tensor, with a zero q row and a zero k row),
+    per-head scales with one at the clamp, and float32 shifted-window-like biases."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(B, N, 3, H, 32, generator=g) * 3).bfloat16()
+    qkv[1 % B, 0, 0] = 0.0
+    qkv[2 % B, N - 1, 1] = 0.0
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    scale = torch.tensor([100.0, 12.5, 1.0])[:H]
+    bias = 16 * torch.rand(nW, H, N, N, generator=g)
+    bias[:, :, : N // 2, N // 2 :] -= 100.0
+    return q, k, v, scale, bias
+
+
+@needs_kernel
+@pytest.mark.parametrize("N", [1, 16, 49, 64, 81, 144])
+@pytest.mark.parametrize("cosine", [False, True])
+def test_kernel_bfloat16_is_float32_math_rounded_once(N, cosine):
+    """bfloat16 q, k, v are widened exactly and computed in float32: the output is the float64
+    attention of the same bfloat16 inputs rounded once to bfloat16, up to float32 noise, and
+    closer to it than PyTorch's bfloat16 path (normalisation and attention in bfloat16)."""
+    B, H, nW = 4, 3, 2
+    q, k, v, scale, bias = _bf16_case(B, H, N, nW, seed=N)
+    s = scale if cosine else None
+    q64, k64 = q.double(), k.double()
+    if cosine:
+        q64, k64 = F.normalize(q64, dim=-1) * scale.double().view(H, 1, 1), F.normalize(k64, dim=-1)
+    want = _truth(q64, k64, v, bias)
+    got = native.window_attention(q, k, v, bias, s)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert got.transpose(1, 2).is_contiguous()
+    # bit for bit the float32 kernel on the widened inputs, rounded to nearest even once
+    assert torch.equal(got, native.window_attention(q.float(), k.float(), v.float(), bias, s).bfloat16())
+    once = want.bfloat16()  # the exact result, rounded once
+    assert (got == once).float().mean() > 0.99
+    assert rel_err(got, want) < 1.05 * rel_err(once, want) + 1e-7
+    q16, k16 = q, k
+    if cosine:
+        q16 = F.normalize(q, dim=-1) * scale.view(H, 1, 1).bfloat16()
+        k16 = F.normalize(k, dim=-1)
+    torch_bf16 = F.scaled_dot_product_attention(
+        q16, k16, v, attn_mask=bias.bfloat16().repeat(B // nW, 1, 1, 1), scale=1.0)
+    assert rel_err(got, want) <= rel_err(torch_bf16, want) + 1e-7
+
+
+@needs_kernel
+def test_kernel_bfloat16_rounds_to_nearest_even_and_keeps_nan():
+    """Outputs that are exact in float32 and fall halfway between two bfloat16 values go to
+    the even one (as torch's conversion does); a NaN stays NaN."""
+    N, H = 4, 1
+    q = torch.zeros(1, H, N, 32, dtype=torch.bfloat16)  # all scores 0: only the bias decides
+    k = torch.zeros(1, H, N, 32, dtype=torch.bfloat16)
+    v = torch.zeros(1, H, N, 32, dtype=torch.bfloat16)
+    bias = torch.full((1, H, N, N), float("-inf"))
+    bias[..., :2] = 0.0  # keys 0 and 1 get 1/2 each, exactly
+    v[0, 0, 0, 0] = 1.0
+    # bfloat16 steps are 2^-8 just above 0.5: 0.5 + 2^-9 is a tie between 0.5 (even) and 0.5 + 2^-8
+    v[0, 0, 1, 0] = 2.0**-8
+    assert native.window_attention(q, k, v, bias)[0, 0, 0, 0].item() == 0.5
+    # 0.5 + 3 * 2^-9: a tie between 0.5 + 2^-8 (odd) and 0.5 + 2^-7 (even)
+    v[0, 0, 1, 0] = 3 * 2.0**-8
+    assert native.window_attention(q, k, v, bias)[0, 0, 0, 0].item() == 0.5 + 2**-7
+    # 0.5 + 2^-9 + 2^-15: just above the tie, so up
+    v[0, 0, 1, 0] = 2.0**-8 + 2.0**-14
+    assert native.window_attention(q, k, v, bias)[0, 0, 0, 0].item() == 0.5 + 2**-8
+    v[0, 0, 0, 1] = float("nan")
+    assert torch.isnan(native.window_attention(q, k, v, bias)[0, 0, :, 1]).all()
 
 
 def _count_calls(monkeypatch) -> list:
@@ -188,14 +265,64 @@ def test_model_with_kernel_matches_timm(monkeypatch):
 
 
 @needs_kernel
-def test_kernel_is_not_used_for_training_autocast_or_compile(monkeypatch):
+@pytest.mark.parametrize("img,window", [(64, 4), (112, 7)])
+def test_model_under_bfloat16_autocast_takes_the_kernel(img, window, monkeypatch):
+    """bfloat16 autocast inference: every block takes the kernel, and the network is as close
+    to its float64 self as with PyTorch's bfloat16 kernels (fused and step by step)."""
+    model = randomize_(swinv2.SwinTransformerV2(img_size=img, window_size=window, drop_path_rate=0.0, **ARCH32), 3)
+    model.eval()
+    x = torch.randn(3, 3, img, img, generator=torch.Generator().manual_seed(2))
+    truth = copy.deepcopy(model).double()(x.double()).detach()
+    calls = _count_calls(monkeypatch)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(x)
+        blocks = sum(len(s.blocks) for s in model.layers)
+        assert len(calls) == blocks
+        for m in _attentions(model):
+            m.native = False
+        fused = model(x)
+        for m in _attentions(model):
+            m.fused_attn = False
+        reference = model(x)
+    assert len(calls) == blocks
+    assert got.dtype == torch.bfloat16
+    # bfloat16 Linear layers dominate the error of a randomised network (~10%); the kernel's
+    # float32 attention must not add to it
+    assert rel_err(got, truth) < 1.15 * min(rel_err(fused, truth), rel_err(reference, truth))
+
+
+@needs_kernel
+def test_attention_module_under_bfloat16_autocast_is_closer_with_the_kernel():
+    """One attention module under bfloat16 autocast (the same bfloat16 qkv GEMM either way):
+    the kernel's float32 normalisation, softmax and bias beat PyTorch's bfloat16 ones."""
+    torch.manual_seed(0)
+    attn = randomize_(WindowAttention(64, 2), 4).eval()
+    x = torch.randn(8, 64, 64)
+    mask = torch.zeros(4, 64, 64)
+    mask[:, :32, 32:] = -100.0
+    with torch.no_grad():
+        truth = copy.deepcopy(attn).double()(x.double(), (8, 8), mask.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert native.applies(*[torch.zeros(1, 2, 64, 32, dtype=torch.bfloat16)] * 3)
+            got = attn(x, (8, 8), mask)
+            attn.native = False
+            fused = attn(x, (8, 8), mask)
+            attn.fused_attn = False
+            reference = attn(x, (8, 8), mask)
+    assert rel_err(got, truth) < min(rel_err(fused, truth), rel_err(reference, truth))
+
+
+@needs_kernel
+def test_kernel_is_not_used_for_training_float16_or_compile(monkeypatch):
     model = randomize_(swinv2.SwinTransformerV2(img_size=64, window_size=4, drop_path_rate=0.0, **ARCH32), 1)
     x = torch.randn(2, 3, 64, 64)
     calls = _count_calls(monkeypatch)
     model.train()
     model(x).sum().backward()  # gradients: PyTorch's kernels (the native one has no backward)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().sum().backward()
     model.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
         model(x)
     with torch.no_grad():
         torch.compile(model, backend="eager", fullgraph=True)(x)
@@ -203,7 +330,9 @@ def test_kernel_is_not_used_for_training_autocast_or_compile(monkeypatch):
     assert calls == []
     with torch.no_grad():
         model(x)
-    assert len(calls) == 8
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+    assert len(calls) == 16
 
 
 # -- building, loading and falling back ----------------------------------------------------
@@ -278,6 +407,25 @@ def test_self_test_catches_a_wrong_kernel(fresh, monkeypatch):
     monkeypatch.setattr(native, "_call", off_by_a_little)
     assert not native.available()
     assert "self-test error was 1.0e-04" in native.status()
+
+
+@needs_kernel
+def test_self_test_checks_the_bfloat16_kernel(fresh, monkeypatch):
+    real = native._call
+
+    def bfloat16_off(fn, q, *args):
+        out = real(fn, q, *args)
+        return out * (1 + 2**-6) if q.dtype == torch.bfloat16 else out  # two bfloat16 steps
+
+    monkeypatch.setattr(native, "_call", bfloat16_off)
+    assert not native.available()
+    assert "in bfloat16" in native.status()
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_call", lambda fn, q, *a: None if q.dtype == torch.bfloat16 else real(fn, q, *a))
+    assert not native.available() and "failed on its self-test" in native.status()
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_call", lambda fn, q, *a: real(fn, q, *a).float())
+    assert not native.available() and "returned torch.float32 for torch.bfloat16" in native.status()
 
 
 @needs_kernel

@@ -1,4 +1,4 @@
-/* Window attention for float32 on AVX-512 CPUs, inference only.
+/* Window attention on AVX-512 CPUs, inference only, for float32 or bfloat16 q, k, v.
  *
  * out = softmax(q k^T + bias) v for every (window, head), with 32-wide heads and any window
  * length N. q, k and v are read in place through their strides (views of the qkv GEMM's
@@ -6,6 +6,10 @@
  * after it reads. Each OpenMP thread takes a contiguous range of (window, head) pairs; per pair
  * k is transposed once into a scratch buffer, then 4 query rows at a time get their scores
  * (kept in registers when N <= 64), softmax and output rows.
+ *
+ * bfloat16 inputs are widened to float32 as they are read (exactly: a bfloat16 is the top half
+ * of a float32) and everything is computed in float32, the bias included; only the output is
+ * rounded to bfloat16 (to nearest, ties to even).
  *
  * With per-head scales (cosine attention, SwinV2) each q row is first scaled to
  * scale[h] / max(||q||, eps) and each k row to 1 / max(||k||, eps), as F.normalize and the
@@ -38,7 +42,7 @@ static inline __m512 exp_neg(__m512 x) {
 }
 
 typedef struct {
-    const float *q, *k, *v, *bias; float *o;
+    const void *q, *k, *v; const float *bias; void *o;  /* q, k, v, o: float32 or bfloat16 */
     const float *scale;            /* cosine attention: per-head logit scales, or NULL */
     float eps;                     /* cosine attention: the floor of the q and k norms */
     int64_t B, H, N, nb;           /* windows, heads, tokens, bias windows (1 or nW) */
@@ -74,33 +78,54 @@ static inline __attribute__((always_inline)) void products(__m512 acc[R][4], con
     }
 }
 
-static void run(job_t *j) {
-    const int64_t N = j->N, NB = (N + 15) / 16;
+/* A row of 32 bfloat16 as two float32 vectors (exact). */
+static inline __attribute__((always_inline)) void widen_bf16(const uint16_t *p, __m512 *lo, __m512 *hi) {
+    const __m512i x = _mm512_loadu_si512(p);
+    *lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(x)), 16));
+    *hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(x, 1)), 16));
+}
+
+/* 16 float32 rounded to bfloat16, to nearest with ties to even; NaN stays a (quiet) NaN. */
+static inline __attribute__((always_inline)) __m256i round_bf16(__m512 x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+/* bf16 is a compile-time constant in each caller: the two element types get their own code. */
+static inline __attribute__((always_inline)) void run_typed(job_t *j, const int bf16) {
+    const int64_t N = j->N, NB = (N + 15) / 16, esz = bf16 ? 2 : 4;
     float *kt = aligned_alloc(64, sizeof(float) * D * NB * 16);
     float *s = aligned_alloc(64, sizeof(float) * R * NB * 16);
     float *qs = aligned_alloc(64, sizeof(float) * R * D);
-    if (!kt || !s || !qs) {
-        free(kt); free(s); free(qs);
+    float *vf = bf16 ? aligned_alloc(64, sizeof(float) * D * N) : 0;  /* v widened, rows of 32 */
+    if (!kt || !s || !qs || (bf16 && !vf)) {
+        free(kt); free(s); free(qs); free(vf);
         j->status = -1;
         return;
     }
     for (int64_t i = 0; i < D * NB * 16; i++) kt[i] = 0.f;
     for (int64_t t = j->begin; t < j->end; t++) {
         const int64_t b = t / j->H, h = t % j->H;
-        const float *q = j->q + b * j->sqb + h * j->sqh;
-        const float *k = j->k + b * j->skb + h * j->skh;
-        const float *v = j->v + b * j->svb + h * j->svh;
+        /* element pointers: bytes, with the element size (strides are in elements) */
+        const char *q = (const char *)j->q + (b * j->sqb + h * j->sqh) * esz;
+        const char *k = (const char *)j->k + (b * j->skb + h * j->skh) * esz;
+        const char *v = (const char *)j->v + (b * j->svb + h * j->svh) * esz;
         const float *bias = j->bias ? j->bias + ((b % j->nb) * j->H + h) * N * N : 0;
-        float *o = j->o + b * j->sob + h * j->soh;
+        char *o = (char *)j->o + (b * j->sob + h * j->soh) * esz;
+        const int64_t sqn = j->sqn * esz, svn = j->svn * esz, son = j->son * esz;  /* row strides, bytes */
         if (t + 1 < j->end) {
             /* ask for the next pair's q, k and v rows (two cache lines each) while this pair
              * computes: its strided rows otherwise arrive one load at a time (~20% of the time) */
             const int64_t b2 = (t + 1) / j->H, h2 = (t + 1) % j->H;
-            const char *q2 = (const char *)(j->q + b2 * j->sqb + h2 * j->sqh);
-            const char *k2 = (const char *)(j->k + b2 * j->skb + h2 * j->skh);
-            const char *v2 = (const char *)(j->v + b2 * j->svb + h2 * j->svh);
+            const char *q2 = (const char *)j->q + (b2 * j->sqb + h2 * j->sqh) * esz;
+            const char *k2 = (const char *)j->k + (b2 * j->skb + h2 * j->skh) * esz;
+            const char *v2 = (const char *)j->v + (b2 * j->svb + h2 * j->svh) * esz;
             for (int64_t n = 0; n < N; n++) {
-                const int64_t qo = n * j->sqn * 4, ko = n * j->skn * 4, vo = n * j->svn * 4;
+                const int64_t qo = n * j->sqn * esz, ko = n * j->skn * esz, vo = n * j->svn * esz;
                 _mm_prefetch(q2 + qo, _MM_HINT_T0);
                 _mm_prefetch(q2 + qo + 64, _MM_HINT_T0);
                 _mm_prefetch(k2 + ko, _MM_HINT_T0);
@@ -114,13 +139,26 @@ static void run(job_t *j) {
             const int64_t n0 = cb * 16, cnt = (N - n0) < 16 ? (N - n0) : 16;
             const __mmask16 m = cnt == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt) - 1);
             const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15),
-                                                   _mm512_set1_epi32((int)j->skn));
-            const float *kb = k + n0 * j->skn;
+                                                   _mm512_set1_epi32((int)(j->skn * esz)));  /* bytes */
+            const char *kb = k + n0 * j->skn * esz;
             __m512 ss = _mm512_setzero_ps();
-            for (int c = 0; c < D; c++) {
-                const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, kb + c, 4);
-                _mm512_store_ps(kt + c * NB * 16 + n0, g);
-                ss = _mm512_fmadd_ps(g, g, ss);
+            if (bf16) {
+                /* one 32-bit gather brings channels c and c+1 of 16 keys: c in the low half
+                 * (little-endian), c+1 in the high half; a bfloat16 is a float32's high half */
+                for (int c = 0; c < D; c += 2) {
+                    const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, kb + 2 * c, 1);
+                    const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(g, 16));
+                    const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(g, _mm512_set1_epi32((int)0xFFFF0000u)));
+                    _mm512_store_ps(kt + c * NB * 16 + n0, even);
+                    _mm512_store_ps(kt + (c + 1) * NB * 16 + n0, odd);
+                    ss = _mm512_fmadd_ps(odd, odd, _mm512_fmadd_ps(even, even, ss));
+                }
+            } else {
+                for (int c = 0; c < D; c++) {
+                    const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, kb + 4 * c, 1);
+                    _mm512_store_ps(kt + c * NB * 16 + n0, g);
+                    ss = _mm512_fmadd_ps(g, g, ss);
+                }
             }
             if (j->scale) {
                 /* 16 keys' norms at once, one lane each; padded lanes stay 0 */
@@ -131,19 +169,32 @@ static void run(job_t *j) {
                 }
             }
         }
+        if (bf16)
+            for (int64_t n = 0; n < N; n++) {
+                __m512 a, c;
+                widen_bf16((const uint16_t *)(v + n * svn), &a, &c);
+                _mm512_store_ps(vf + n * D, a);
+                _mm512_store_ps(vf + n * D + 16, c);
+            }
         for (int64_t i0 = 0; i0 < N; i0 += R) {
             const int rows = (N - i0) < R ? (int)(N - i0) : R;
             const float *qr[R];
-            for (int r = 0; r < R; r++) qr[r] = q + (i0 + (r < rows ? r : 0)) * j->sqn;
-            if (j->scale) {
-                /* q rows scaled to scale / max(||q||, eps), into a contiguous block */
-                const float sh = j->scale[h];
+            for (int r = 0; r < R; r++) qr[r] = (const float *)(q + (i0 + (r < rows ? r : 0)) * sqn);
+            if (j->scale || bf16) {
+                /* q rows into a contiguous float32 block: scaled to scale / max(||q||, eps) for
+                 * cosine attention, widened for bfloat16 */
+                const float sh = j->scale ? j->scale[h] : 1.0f;
                 for (int r = 0; r < R; r++) {
-                    const __m512 a = _mm512_loadu_ps(qr[r]), b = _mm512_loadu_ps(qr[r] + 16);
-                    const float norm = sqrtf(_mm512_reduce_add_ps(_mm512_fmadd_ps(a, a, _mm512_mul_ps(b, b))));
-                    const __m512 f = _mm512_set1_ps(sh * (1.0f / (norm > j->eps ? norm : j->eps)));
-                    _mm512_store_ps(qs + r * D, _mm512_mul_ps(a, f));
-                    _mm512_store_ps(qs + r * D + 16, _mm512_mul_ps(b, f));
+                    __m512 a, b;
+                    if (bf16) widen_bf16((const uint16_t *)qr[r], &a, &b);
+                    else a = _mm512_loadu_ps(qr[r]), b = _mm512_loadu_ps(qr[r] + 16);
+                    if (j->scale) {
+                        const float norm = sqrtf(_mm512_reduce_add_ps(_mm512_fmadd_ps(a, a, _mm512_mul_ps(b, b))));
+                        const __m512 f = _mm512_set1_ps(sh * (1.0f / (norm > j->eps ? norm : j->eps)));
+                        a = _mm512_mul_ps(a, f), b = _mm512_mul_ps(b, f);
+                    }
+                    _mm512_store_ps(qs + r * D, a);
+                    _mm512_store_ps(qs + r * D + 16, b);
                     qr[r] = qs + r * D;
                 }
             }
@@ -212,7 +263,7 @@ static void run(job_t *j) {
             __m512 oa[R][2];
             for (int r = 0; r < R; r++) oa[r][0] = oa[r][1] = _mm512_setzero_ps();
             for (int64_t n = 0; n < N; n++) {
-                const float *vr = v + n * j->svn;
+                const float *vr = bf16 ? vf + n * D : (const float *)(v + n * svn);
                 __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16);
                 for (int r = 0; r < R; r++) {
                     __m512 p = _mm512_set1_ps(s[r * NB * 16 + n]);
@@ -221,24 +272,34 @@ static void run(job_t *j) {
                 }
             }
             for (int r = 0; r < rows; r++) {
-                float *orow = o + (i0 + r) * j->son;
+                char *orow = o + (i0 + r) * son;
                 __m512 f = _mm512_set1_ps(inv[r]);
-                _mm512_storeu_ps(orow, _mm512_mul_ps(oa[r][0], f));
-                _mm512_storeu_ps(orow + 16, _mm512_mul_ps(oa[r][1], f));
+                if (bf16) {
+                    _mm256_storeu_si256((__m256i *)orow, round_bf16(_mm512_mul_ps(oa[r][0], f)));
+                    _mm256_storeu_si256((__m256i *)(orow + 32), round_bf16(_mm512_mul_ps(oa[r][1], f)));
+                } else {
+                    _mm512_storeu_ps((float *)orow, _mm512_mul_ps(oa[r][0], f));
+                    _mm512_storeu_ps((float *)orow + 16, _mm512_mul_ps(oa[r][1], f));
+                }
             }
         }
     }
-    free(kt); free(s); free(qs);
+    free(kt); free(s); free(qs); free(vf);
 }
 
-/* scale: NULL for softmax(q k^T + bias) v as given, or H per-head factors for cosine attention
+static void run_f32(job_t *j) { run_typed(j, 0); }
+static void run_bf16(job_t *j) { run_typed(j, 1); }
+
+/* q, k, v and o: float32 (bf16 = 0) or bfloat16 (bf16 = 1); bias: float32 or NULL.
+ * scale: NULL for softmax(q k^T + bias) v as given, or H per-head factors for cosine attention
  * (q and k normalised with the floor eps, q times its head's factor).
+ * st: the strides of q, k, v (window, head, token) and o (window, head, token), in elements.
  * Returns 0 on success, -1 when scratch memory ran out (the output is then incomplete).
  * The (window, head) pairs are split evenly over `threads` OpenMP threads: linked against the
  * OpenMP runtime PyTorch has already loaded, this is PyTorch's own thread pool. */
-int window_attention_f32(const float *q, const float *k, const float *v, const float *bias, float *o,
-                         const float *scale, float eps,
-                         int64_t B, int64_t H, int64_t N, int64_t nb, const int64_t *st, int threads) {
+int window_attention(const void *q, const void *k, const void *v, const float *bias, void *o,
+                     const float *scale, float eps, int bf16,
+                     int64_t B, int64_t H, int64_t N, int64_t nb, const int64_t *st, int threads) {
     const int64_t tasks = B * H;
     int status = 0;
     if (threads < 1) threads = 1;
@@ -248,7 +309,8 @@ int window_attention_f32(const float *q, const float *k, const float *v, const f
         const int64_t i = omp_get_thread_num(), n = omp_get_num_threads();
         job_t j = {q, k, v, bias, o, scale, eps, B, H, N, nb, st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7], st[8],
                    st[9], st[10], st[11], tasks * i / n, tasks * (i + 1) / n, 0};
-        run(&j);
+        if (bf16) run_bf16(&j);
+        else run_f32(&j);
         status |= j.status;
     }
     return status;
