@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -258,16 +259,44 @@ def swinv2_settings() -> str:
             f"native window attention (float32, bfloat16) {native.status()} (swinv2.native)")
 
 
+def cpu_description(cpuinfo: str = "/proc/cpuinfo", cache_root: str = "/sys/devices/system/cpu/cpu0/cache") -> str:
+    """The CPU's model name with its family and model numbers and its L2 and L3 caches, e.g.
+    ``AMD EPYC (family 25, model 17; L2 1024K, L3 32768K)``: virtual machines often report a
+    bare "AMD EPYC", and two generations of it run the same code at different rates (AVX-512
+    at full or half width), so a report says which it was timed on."""
+    fields: dict[str, str] = {}
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    details = []
+    if "cpu family" in fields and "model" in fields:
+        details.append(f"family {fields['cpu family']}, model {fields['model']}")
+    caches = []
+    for index in sorted(Path(cache_root).glob("index*")):
+        try:
+            level, kind, size = ((index / f).read_text().strip() for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        if level in ("2", "3") and kind in ("Unified", "Data"):
+            caches.append(f"L{level} {size}")
+    if caches:
+        details.append(", ".join(caches))
+    return f"{name} ({'; '.join(details)})" if details else name
+
+
 def environment(device: str = "cpu") -> dict:
     info = dict(
         date=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), python=platform.python_version(),
         torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(), machine=platform.machine(),
     )
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
+    info["cpu"] = cpu_description()
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
     else:

@@ -124,3 +124,21 @@ def test_keep_freed_memory_stops_refaulting_large_blocks():
     block = 2**25 * 4 // 4096
     assert system > 5 * block  # (nearly) every page of the six blocks
     assert kept < 2 * block
+
+
+def test_cpu_description_names_family_model_and_caches(tmp_path):
+    from swinv2.bench import cpu_description
+
+    (tmp_path / "cpuinfo").write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n\n"
+        "processor\t: 1\ncpu family\t: 99\nmodel\t\t: 99\nmodel name\t: other\n")
+    for i, (level, kind, size) in enumerate([("1", "Data", "48K"), ("1", "Instruction", "32K"),
+                                             ("2", "Unified", "1024K"), ("3", "Unified", "32768K")]):
+        d = tmp_path / "cache" / f"index{i}"
+        d.mkdir(parents=True)
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (d / name).write_text(value + "\n")
+    text = cpu_description(str(tmp_path / "cpuinfo"), str(tmp_path / "cache"))
+    assert text == "AMD EPYC (family 26, model 2; L2 1024K, L3 32768K)"
+    # nothing readable: still a name, never an error
+    assert cpu_description(str(tmp_path / "missing"), str(tmp_path / "missing"))
