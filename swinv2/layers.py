@@ -97,9 +97,11 @@ def _onednn_runs(dtype: torch.dtype) -> bool:
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     """The dtype to run oneDNN's inner product in for this call, or None for F.linear.
 
-    Plain CPU tensors (no subclasses such as DTensor), outside compile, export and tracing
-    (which must see F.linear), with oneDNN enabled. Under CPU autocast the call runs in the
-    autocast dtype, as F.linear would.
+    Plain CPU tensors (no subclasses such as DTensor), with oneDNN enabled; not while
+    exporting or tracing (which must see F.linear), nor in a compiled graph that needs
+    gradients (inductor differentiates F.linear itself). In a compiled inference graph the
+    product is the custom operator ``swinv2::linear``. Under CPU autocast the call runs in
+    the autocast dtype, as F.linear would.
     """
     if not ONEDNN_LINEAR or x.device.type != "cpu" or weight.device.type != "cpu":
         return None
@@ -107,16 +109,8 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None
         return None
     if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         return None  # F.linear says what is wrong; oneDNN's error names no shapes
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return None
-    if getattr(torch.compiler, "is_exporting", lambda: False)():
-        return None
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-        return None
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Distributed processes (DDP, FSDP, ZeRO) keep F.linear: one 2-process FSDP run on a
-        # heavily loaded machine aborted with heap corruption while this path was on (not
-        # reproduced in reruns); until that is understood they stay on the common kernel.
+    mode = native.recording()
+    if mode == "export" or (mode == "compile" and torch.is_grad_enabled()):
         return None
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
@@ -124,15 +118,53 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None
         dtype = x.dtype
     else:
         return None
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16) or not _onednn_runs(dtype):
-        return None
-    return dtype
+    ready = _onednn_ready_in_graph(dtype) if mode == "compile" else _onednn_ready(dtype)
+    return dtype if ready else None
+
+
+def _onednn_ready(dtype: torch.dtype) -> bool:
+    """The process-wide conditions of :func:`_onednn_applies`: oneDNN built and enabled,
+    no distributed process group, and the inner product working for ``dtype`` here."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Distributed processes (DDP, FSDP, ZeRO) keep F.linear: one 2-process FSDP run on a
+        # heavily loaded machine aborted with heap corruption while this path was on (not
+        # reproduced in reruns); until that is understood they stay on the common kernel.
+        return False
+    return dtype in (torch.float32, torch.bfloat16, torch.float16) and _onednn_runs(dtype)
+
+
+def _onednn_ready_in_graph(dtype: torch.dtype) -> bool:
+    # torch.compile takes the answer as a constant of the graph rather than tracing the probe
+    return _onednn_ready(dtype)
+
+
+if hasattr(torch.compiler, "assume_constant_result"):
+    _onednn_ready_in_graph = torch.compiler.assume_constant_result(_onednn_ready_in_graph)
 
 
 def _inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False):
+    if torch.compiler.is_compiling():
+        # inductor lowers oneDNN's op only for weights frozen into the graph: call it opaquely
+        return torch.ops.swinv2.linear(x, weight, bias, gelu)
     if gelu:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@torch.library.custom_op(
+    "swinv2::linear", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias, bool gelu) -> Tensor"
+)
+def _linear_op(x, weight, bias, gelu):
+    """oneDNN's inner product (then the exact GELU when ``gelu``) as an operator of compiled
+    inference graphs. Takes whatever layouts the graph hands over."""
+    return _inner_product(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), gelu)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, gelu):
+    return x.new_empty(x.shape[:-1] + (weight.shape[0],))
 
 
 # The weight gradient g^T x of an (M, K) -> (M, N) layer sums over the M tokens. oneDNN's

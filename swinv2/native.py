@@ -134,6 +134,14 @@ def _self_test(fn) -> str | None:
 
 
 def _call(fn, q, k, v, bias, scale=None, eps: float = NORM_EPS) -> torch.Tensor | None:
+    """The kernel on (B, H, N, 32) inputs: the (B, H, N, 32) output (a transposed view), or
+    None when it failed."""
+    out = _call_raw(fn, q, k, v, bias, scale, eps)
+    return None if out is None else out.transpose(1, 2)
+
+
+def _call_raw(fn, q, k, v, bias, scale=None, eps: float = NORM_EPS) -> torch.Tensor | None:
+    """:func:`_call`'s output as the kernel writes it, a contiguous (B, N, H, 32) tensor."""
     B, H, N, _ = q.shape
     out = torch.empty(B, N, H, HEAD_DIM, dtype=q.dtype)
     strides = (ctypes.c_int64 * 12)(
@@ -143,7 +151,7 @@ def _call(fn, q, k, v, bias, scale=None, eps: float = NORM_EPS) -> torch.Tensor 
     status = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
                 0 if scale is None else scale.data_ptr(), eps, int(q.dtype == torch.bfloat16),
                 B, H, N, nb, strides, torch.get_num_threads())
-    return None if status else out.transpose(1, 2)  # (B, H, N, d)
+    return None if status else out
 
 
 def _init() -> None:
@@ -184,6 +192,30 @@ def available() -> bool:
     return _function() is not None
 
 
+def _available_in_graph() -> bool:
+    # Built (or not) once per process, before any graph uses it; torch.compile takes the
+    # answer as a constant of the graph instead of tracing the build.
+    return available()
+
+
+if hasattr(torch.compiler, "assume_constant_result"):
+    _available_in_graph = torch.compiler.assume_constant_result(_available_in_graph)
+
+
+def recording() -> str | None:
+    """How the current call is being captured: None when it simply runs; ``"compile"`` while
+    ``torch.compile`` traces it (a graph that runs in this process, where swinv2's CPU kernels
+    are custom operators like any other); ``"export"`` while ``torch.export``, an ONNX export or
+    TorchScript records it (a graph for elsewhere: PyTorch's own operators only)."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
+        return "export"
+    if getattr(torch.compiler, "is_exporting", lambda: False)():
+        return "export"
+    if torch.compiler.is_compiling():
+        return "compile"
+    return None
+
+
 def status() -> str:
     """One line: the kernel in use, or why not."""
     return "on" if available() else f"off ({_state['why']})"
@@ -192,18 +224,20 @@ def status() -> str:
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether :func:`window_attention` takes these (B_, nH, N, d) inputs: float32 or
     bfloat16 (all three alike) on the CPU, 32-wide heads with unit stride, no gradient needed,
-    not while compiling, tracing or exporting (those record PyTorch operators), and the
-    kernel available."""
+    not while exporting or tracing (those record PyTorch's own operators; under
+    ``torch.compile`` the kernel is a custom operator of the graph), and the kernel available."""
     if q.device.type != "cpu" or q.dtype not in DTYPES or q.shape[-1] != HEAD_DIM:
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
-            or torch.onnx.is_in_onnx_export()):
+    mode = recording()
+    if mode == "export":
         return False
     if not all(t.dtype == q.dtype and t.shape == q.shape and t.stride(-1) == 1 for t in (k, v)):
         return False
-    return q.stride(-1) == 1 and available()
+    if q.stride(-1) != 1:
+        return False
+    return _available_in_graph() if mode == "compile" else available()
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
@@ -236,7 +270,28 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         if cosine_scale.numel() != H:
             raise ValueError(f"cosine_scale must hold one value per head ({H}), got {tuple(cosine_scale.shape)}")
         cosine_scale = cosine_scale.detach().to("cpu", torch.float32).reshape(H).contiguous()
-    out = _call(_function(), q, k, v, bias, cosine_scale, eps)
+    out = torch.ops.swinv2.window_attention(q, k, v, bias, cosine_scale, float(eps))  # (B_, N, nH, 32)
+    return out.transpose(1, 2)
+
+
+@torch.library.custom_op(
+    "swinv2::window_attention", mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? scale, float eps) -> Tensor",
+)
+def _window_attention_op(q, k, v, bias, scale, eps):
+    """The kernel as an operator, so that torch.compile keeps it in its graph. Returns the
+    contiguous (B_, N, nH, 32) output. A compiled graph may hand over its own layouts, so the
+    ones the kernel cannot read are made contiguous first."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    bias = None if bias is None else bias.contiguous()
+    scale = None if scale is None else scale.contiguous()
+    out = _call_raw(_function(), q, k, v, bias, scale, eps)
     if out is None:
         raise MemoryError("the native window-attention kernel could not allocate its scratch memory")
     return out
+
+
+@_window_attention_op.register_fake
+def _(q, k, v, bias, scale, eps):
+    B, H, N, d = q.shape
+    return q.new_empty(B, N, H, d)

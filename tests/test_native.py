@@ -313,7 +313,7 @@ def test_attention_module_under_bfloat16_autocast_is_closer_with_the_kernel():
 
 
 @needs_kernel
-def test_kernel_is_not_used_for_training_float16_or_compile(monkeypatch):
+def test_kernel_is_not_used_for_training_or_float16(monkeypatch):
     model = randomize_(swinv2.SwinTransformerV2(img_size=64, window_size=4, drop_path_rate=0.0, **ARCH32), 1)
     x = torch.randn(2, 3, 64, 64)
     calls = _count_calls(monkeypatch)
@@ -324,15 +324,55 @@ def test_kernel_is_not_used_for_training_float16_or_compile(monkeypatch):
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
         model(x)
-    with torch.no_grad():
-        torch.compile(model, backend="eager", fullgraph=True)(x)
-    torch._dynamo.reset()
     assert calls == []
     with torch.no_grad():
         model(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(x)
     assert len(calls) == 16
+
+
+def _graph_ops(seen: list):
+    """A torch.compile backend that records the operators of each captured graph and runs it
+    as it is."""
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    return backend
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_inference_keeps_the_kernels_as_graph_operators(dtype):
+    """Under torch.compile (whole graph) inference calls the native attention and oneDNN's
+    inner product as the custom operators swinv2::window_attention and swinv2::linear, with the
+    same results; compiled training keeps PyTorch's differentiable operators."""
+    from swinv2 import layers
+
+    if not layers._onednn_ready(dtype):
+        pytest.skip(f"oneDNN's inner product does not run {dtype} here")
+    model = randomize_(swinv2.SwinTransformerV2(img_size=64, window_size=4, drop_path_rate=0.0, **ARCH32), 1).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    seen: list = []
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    with torch.no_grad(), autocast:
+        want = model(x)
+        got = torch.compile(model, backend=_graph_ops(seen), fullgraph=True)(x)
+        # the fake implementations hold under AOT tracing too (shapes, dtypes, strides)
+        aot = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    torch._dynamo.reset()
+    linears = sum(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if "cpb_mlp" not in n)
+    assert sum("swinv2.window_attention" in t for t in seen) == 8
+    assert sum("swinv2.linear" in t for t in seen) == linears - 1  # all but the head (F.linear)
+    assert got.dtype == want.dtype and rel_err(got, want) < 1e-6 and rel_err(aot, want) < 1e-6
+    seen.clear()
+    model.train()
+    with autocast:
+        torch.compile(model, backend=_graph_ops(seen), fullgraph=True)(x).float().sum().backward()
+    torch._dynamo.reset()
+    assert seen and not any("swinv2" in t for t in seen)
 
 
 # -- building, loading and falling back ----------------------------------------------------
