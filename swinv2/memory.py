@@ -52,9 +52,9 @@ _WORKSPACE_SCORES = 2
 # kernel scratch buffers), once torch's runtime is warm (measure_training_memory warms it):
 # the measured excess of the debug model at 32-128 px, where the counted tensors are tiny.
 # It depends on the CPU: in fp32 4 MiB on a 2-core Zen 5 EPYC and 19-24 MiB on a 2-core Zen 4
-# one (the oneDNN and BLAS kernels keep per-CPU scratch), so fp32 takes the middle, 14 MiB,
-# which keeps both within 11% at 128 px; bf16 measured 36 MiB on the Zen 5 host, 38-40 on the
-# Zen 4 one.
+# one (the oneDNN and BLAS kernels keep per-CPU scratch), so fp32 takes the middle, 14 MiB:
+# 10 MiB off either host's fit, 11% of the debug model's 88-98 MiB step at 128 px. bf16
+# measured 36 MiB on the Zen 5 host and 38-40 on the Zen 4 one.
 RUNTIME_MB = {"fp32": 14.0, "bf16": 36.0, "fp16": 36.0}
 
 
