@@ -135,13 +135,7 @@ def _onednn_ready(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.bfloat16, torch.float16) and _onednn_runs(dtype)
 
 
-def _onednn_ready_in_graph(dtype: torch.dtype) -> bool:
-    # torch.compile takes the answer as a constant of the graph rather than tracing the probe
-    return _onednn_ready(dtype)
-
-
-if hasattr(torch.compiler, "assume_constant_result"):
-    _onednn_ready_in_graph = torch.compiler.assume_constant_result(_onednn_ready_in_graph)
+_onednn_ready_in_graph = native.graph_constant(_onednn_ready)
 
 
 def _inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False):
@@ -159,12 +153,24 @@ def _inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def _linear_op(x, weight, bias, gelu):
     """oneDNN's inner product (then the exact GELU when ``gelu``) as an operator of compiled
     inference graphs. Takes whatever layouts the graph hands over."""
+    _check_linear(x, weight, bias)
     return _inner_product(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), gelu)
 
 
 @_linear_op.register_fake
 def _(x, weight, bias, gelu):
+    _check_linear(x, weight, bias)
     return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
+
+def _check_linear(x, weight, bias) -> None:
+    """ValueError naming the shapes and dtypes, where oneDNN's own error names none."""
+    if (weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1] or x.dtype != weight.dtype
+            or (bias is not None and (tuple(bias.shape) != (weight.shape[0],) or bias.dtype != weight.dtype))):
+        described = "no bias" if bias is None else f"bias {bias.dtype} {tuple(bias.shape)}"
+        raise ValueError(f"swinv2::linear: input {x.dtype} {tuple(x.shape)}, weight {weight.dtype} "
+                         f"{tuple(weight.shape)} and {described} do not fit (input (..., K), weight (N, K), "
+                         "bias (N,), one dtype)")
 
 
 # The weight gradient g^T x of an (M, K) -> (M, N) layer sums over the M tokens. oneDNN's
@@ -572,7 +578,7 @@ class WindowAttention(nn.Module):
         params = [p for n, p in self.named_parameters() if n.startswith(("cpb_mlp", "relative_position"))]
         device = params[0].device.type if params else "cpu"
         autocast = None
-        if device in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device):
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
             autocast = torch.get_autocast_dtype(device)
         stamp = (autocast,) + tuple((id(p), p._version, p.device, p.dtype) for p in params)
         cached = self._cache.get(("bias", window))

@@ -192,14 +192,16 @@ def available() -> bool:
     return _function() is not None
 
 
-def _available_in_graph() -> bool:
-    # Built (or not) once per process, before any graph uses it; torch.compile takes the
-    # answer as a constant of the graph instead of tracing the build.
-    return available()
+def graph_constant(fn):
+    """``fn`` for torch.compile to call once while tracing and keep the answer as a constant
+    of the graph (``torch.compiler.assume_constant_result``), instead of tracing into it: for
+    the process-wide facts behind swinv2's CPU kernels (built? does oneDNN run this dtype?),
+    whose code (a compiler run, a probe) a graph cannot hold."""
+    constant = getattr(torch.compiler, "assume_constant_result", None)
+    return constant(fn) if constant is not None else fn
 
 
-if hasattr(torch.compiler, "assume_constant_result"):
-    _available_in_graph = torch.compiler.assume_constant_result(_available_in_graph)
+_available_in_graph = graph_constant(available)
 
 
 def recording() -> str | None:
@@ -243,10 +245,10 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                      cosine_scale: torch.Tensor | None = None, eps: float = NORM_EPS) -> torch.Tensor:
     """softmax(q kᵀ + bias) v for q, k, v (B_, nH, N, 32) CPU tensors of one dtype, float32 or
-    bfloat16 (any strides with a unit last one), ``bias`` None or (nb, nH, N, N) with window
-    ``b`` using row ``b % nb`` (nb = 1: shared; nb = nW: the shifted-window masks), used in
-    float32. Returns (B_, nH, N, 32) in q's dtype, a transposed view of a contiguous
-    (B_, N, nH, 32) tensor. Check :func:`applies` first.
+    bfloat16 (any strides; a unit last one is read in place), ``bias`` None or (nb, nH, N, N)
+    with window ``b`` using row ``b % nb`` (nb = 1: shared; nb = nW: the shifted-window masks),
+    used in float32. Returns (B_, nH, N, 32) in q's dtype, a transposed view of a contiguous
+    (B_, N, nH, 32) tensor. Inputs of the wrong shape, dtype or device raise ValueError.
 
     bfloat16 inputs are computed in float32 (normalisation, products, softmax, bias), and only
     the output is rounded to bfloat16.
@@ -254,24 +256,31 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     With ``cosine_scale`` (nH values, one per head) this is SwinV2's cosine attention: q
     becomes ``F.normalize(q, eps=eps)`` times its head's scale and k ``F.normalize(k, eps=eps)``
     inside the kernel, as they are read (no pass over q and k before it)."""
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()
+    if cosine_scale is not None:
+        cosine_scale = cosine_scale.detach().to(torch.float32).reshape(-1).contiguous()
+    out = torch.ops.swinv2.window_attention(q, k, v, bias, cosine_scale, float(eps))  # (B_, N, nH, 32)
+    return out.transpose(1, 2)
+
+
+def _check(q, k, v, bias, scale) -> None:
+    """The operator's inputs, as the kernel reads them; ValueError naming what is wrong (on
+    real and on traced tensors alike, so a compiled graph fails where eager would)."""
     if q.dim() != 4 or q.shape[-1] != HEAD_DIM or any(t.shape != q.shape for t in (k, v)):
         raise ValueError(f"q, k and v must be (B_, nH, N, {HEAD_DIM}) of one shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not all(t.device.type == "cpu" and t.dtype == q.dtype and t.stride(-1) == 1 for t in (q, k, v)) or (
-            q.dtype not in DTYPES):
-        raise ValueError("q, k and v must be CPU tensors of one dtype, float32 or bfloat16, with a unit last "
-                         f"stride; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not all(t.device.type == "cpu" and t.dtype == q.dtype for t in (q, k, v)) or q.dtype not in DTYPES:
+        raise ValueError("q, k and v must be CPU tensors of one dtype, float32 or bfloat16; got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype} on {q.device}, {k.device}, {v.device}")
     B, H, N, _ = q.shape
-    if bias is not None:
-        if bias.dim() != 4 or bias.shape[1:] != (H, N, N) or B % bias.shape[0]:
-            raise ValueError(f"bias must be (nb, {H}, {N}, {N}) with nb dividing {B}, got {tuple(bias.shape)}")
-        bias = bias.to(torch.float32).contiguous()
-    if cosine_scale is not None:
-        if cosine_scale.numel() != H:
-            raise ValueError(f"cosine_scale must hold one value per head ({H}), got {tuple(cosine_scale.shape)}")
-        cosine_scale = cosine_scale.detach().to("cpu", torch.float32).reshape(H).contiguous()
-    out = torch.ops.swinv2.window_attention(q, k, v, bias, cosine_scale, float(eps))  # (B_, N, nH, 32)
-    return out.transpose(1, 2)
+    if bias is not None and (bias.dim() != 4 or bias.shape[1:] != (H, N, N) or bias.shape[0] == 0
+                             or B % bias.shape[0] or bias.dtype != torch.float32 or bias.device.type != "cpu"):
+        raise ValueError(f"bias must be float32 (nb, {H}, {N}, {N}) on the CPU with nb dividing {B}, "
+                         f"got {bias.dtype} {tuple(bias.shape)} on {bias.device}")
+    if scale is not None and (scale.numel() != H or scale.dtype != torch.float32 or scale.device.type != "cpu"):
+        raise ValueError(f"cosine_scale must hold one float32 value per head ({H}) on the CPU, "
+                         f"got {scale.dtype} {tuple(scale.shape)} on {scale.device}")
 
 
 @torch.library.custom_op(
@@ -280,12 +289,16 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
 )
 def _window_attention_op(q, k, v, bias, scale, eps):
     """The kernel as an operator, so that torch.compile keeps it in its graph. Returns the
-    contiguous (B_, N, nH, 32) output. A compiled graph may hand over its own layouts, so the
-    ones the kernel cannot read are made contiguous first."""
+    contiguous (B_, N, nH, 32) output. Layouts the kernel cannot read in place (a last
+    stride other than 1, as a compiled graph may hand over) are made contiguous first."""
+    _check(q, k, v, bias, scale)
+    fn = _function()
+    if fn is None:
+        raise RuntimeError(f"the native window-attention kernel is {status()}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     bias = None if bias is None else bias.contiguous()
     scale = None if scale is None else scale.contiguous()
-    out = _call_raw(_function(), q, k, v, bias, scale, eps)
+    out = _call_raw(fn, q, k, v, bias, scale, eps)
     if out is None:
         raise MemoryError("the native window-attention kernel could not allocate its scratch memory")
     return out
@@ -293,5 +306,6 @@ def _window_attention_op(q, k, v, bias, scale, eps):
 
 @_window_attention_op.register_fake
 def _(q, k, v, bias, scale, eps):
+    _check(q, k, v, bias, scale)
     B, H, N, d = q.shape
     return q.new_empty(B, N, H, d)

@@ -48,9 +48,6 @@ def test_every_format_matches_eager_at_two_batch_sizes(model, exported, fmt):
         assert "dynamo" in report.exporter and report.opset == E.DEFAULT_OPSET
     if fmt != "onnx":  # ONNX freezes the weights anyway; these formats expose them as parameters
         _check_position_bias_mlp_is_live(model, path, fmt)
-    if fmt == "exported-program":  # portable: PyTorch's operators, none of swinv2's CPU kernels
-        ops = {str(n.target) for n in torch.export.load(path).graph.nodes if n.op == "call_function"}
-        assert any("aten" in op for op in ops) and not any("swinv2" in op for op in ops)
     # Loaded again independently: a batch size never seen by the export works too.
     run = E._LOADERS[fmt](path)
     x = torch.randn(3, 3, 64, 64)

@@ -629,6 +629,13 @@ def test_linear_with_mismatched_sizes_names_the_shapes():
 
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"3x7 and 8x5"):
         layers.linear(torch.randn(3, 7), torch.randn(5, 8), torch.randn(5), gelu=True)
+    # the compiled graphs' operator, public as torch.ops.swinv2.linear, names them too
+    with pytest.raises(ValueError, match=r"input torch.float32 \(3, 7\), weight torch.float32 \(5, 8\)"):
+        torch.ops.swinv2.linear(torch.randn(3, 7), torch.randn(5, 8), None, False)
+    with pytest.raises(ValueError, match=r"bias torch.float32 \(4,\) do not fit"):
+        torch.ops.swinv2.linear(torch.randn(3, 8), torch.randn(5, 8), torch.randn(4), True)
+    with pytest.raises(ValueError, match="input torch.bfloat16"):
+        torch.ops.swinv2.linear(torch.randn(3, 8).bfloat16(), torch.randn(5, 8), None, False)
 
 
 class _Sub(torch.Tensor):

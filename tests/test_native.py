@@ -71,10 +71,12 @@ def test_kernel_matches_float64_attention(N, bias_kind):
 @needs_kernel
 def test_kernel_rejects_a_bias_of_the_wrong_shape():
     q, k, v = _qkv(4, 2, 16)
-    with pytest.raises(ValueError, match=r"bias must be \(nb, 2, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"bias must be float32 \(nb, 2, 16, 16\) on the CPU with nb dividing 4"):
         native.window_attention(q, k, v, torch.zeros(3, 2, 16, 16))
     with pytest.raises(ValueError, match="bias must be"):
         native.window_attention(q, k, v, torch.zeros(1, 2, 16, 15))
+    with pytest.raises(ValueError, match="bias must be"):
+        native.window_attention(q, k, v, torch.zeros(0, 2, 16, 16))
 
 
 @needs_kernel
@@ -84,14 +86,46 @@ def test_kernel_rejects_inputs_it_would_misread():
         native.window_attention(q[..., :16], k[..., :16], v[..., :16], None)
     with pytest.raises(ValueError, match="of one shape"):
         native.window_attention(q, k[:, :, :8], v, None)
-    with pytest.raises(ValueError, match="one dtype, float32 or bfloat16, with a unit last stride; got torch.float64"):
+    with pytest.raises(ValueError, match="one dtype, float32 or bfloat16; got torch.float64"):
         native.window_attention(q.double(), k.double(), v.double(), None)
     with pytest.raises(ValueError, match="got torch.float16"):
         native.window_attention(q.half(), k.half(), v.half(), None)
     with pytest.raises(ValueError, match="got torch.bfloat16, torch.float32, torch.float32"):
         native.window_attention(q.bfloat16(), k, v, None)  # mixed: a 2-byte q read as 4-byte rows
-    with pytest.raises(ValueError, match="unit last stride"):
-        native.window_attention(q, k, torch.randn(4, 2, 32, 16).transpose(-1, -2), None)
+
+
+@needs_kernel
+def test_the_operator_checks_its_inputs_when_called_directly():
+    """torch.ops.swinv2.window_attention is public: wrong shapes, a bias or scale of the wrong
+    dtype or size get a ValueError instead of being read out of bounds."""
+    q, k, v = _qkv(2, 2, 16)
+    op = torch.ops.swinv2.window_attention
+    with pytest.raises(ValueError, match="of one shape, got .*\\(2, 2, 8, 32\\)"):
+        op(q, k, torch.randn(2, 2, 8, 32), None, None, 1e-12)
+    with pytest.raises(ValueError, match="bias must be float32"):
+        op(q, k, v, torch.zeros(1, 2, 64, 64), None, 1e-12)
+    with pytest.raises(ValueError, match="bias must be float32 .* got torch.float64"):
+        op(q, k, v, torch.zeros(1, 2, 16, 16, dtype=torch.float64), None, 1e-12)
+    with pytest.raises(ValueError, match=r"cosine_scale must hold one float32 value per head \(2\)"):
+        op(q, k, v, None, torch.ones(3), 1e-12)
+    with pytest.raises(ValueError, match="one float32 value per head"):
+        native.window_attention(q, k, v, None, torch.ones(3))
+
+
+@needs_kernel
+def test_kernel_takes_any_layout():
+    """A last stride other than 1 (as a compiled graph may hand over) is copied, not refused."""
+    q, k, v = _qkv(4, 2, 16)
+    v_strided = v.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, last stride 16
+    assert v_strided.stride(-1) != 1
+    assert torch.equal(native.window_attention(q, k, v_strided, None), native.window_attention(q, k, v, None))
+
+
+def test_the_operator_says_when_the_kernel_is_off(monkeypatch):
+    monkeypatch.setattr(native, "_state", {"fn": None, "why": "turned off by SWINV2_NATIVE"})
+    q, k, v = _qkv(2, 2, 16)
+    with pytest.raises(RuntimeError, match=r"kernel is off \(turned off by SWINV2_NATIVE\)"):
+        native.window_attention(q, k, v, None)
 
 
 def test_applies_only_to_float32_or_bfloat16_inference_with_32_wide_heads():
@@ -137,7 +171,7 @@ def test_kernel_cosine_attention_matches_float64(N):
     assert rel_err(got, want) < 3 * rel_err(ref32, want) + 1e-7
     if N > 1:  # the scales matter (one token's softmax is 1 whatever they are)
         assert rel_err(native.window_attention(q, k, v, bias), want) > 1e-2
-    with pytest.raises(ValueError, match="one value per head"):
+    with pytest.raises(ValueError, match="one float32 value per head"):
         native.window_attention(q, k, v, bias, scale[:2])
 
 
@@ -481,3 +515,20 @@ def test_self_test_checks_the_cosine_attention(fresh, monkeypatch):
     monkeypatch.setattr(native, "_call", unscaled_keys)
     assert not native.available()
     assert "self-test error" in native.status()
+
+
+@needs_kernel
+@pytest.mark.parametrize("grad", [False, True])
+def test_exported_programs_hold_only_pytorch_operators(grad):
+    """torch.export records a graph to run elsewhere: with 32-wide heads (where the kernel
+    applies) and with or without autograd, it holds neither swinv2's operators nor oneDNN's,
+    and computes what the model does."""
+    model = randomize_(swinv2.SwinTransformerV2(img_size=64, window_size=4, drop_path_rate=0.0, **ARCH32), 1).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.set_grad_enabled(grad):
+        program = torch.export.export(model, (x,))
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert any("aten" in op for op in ops)
+    assert not any("swinv2" in op or "mkldnn" in op for op in ops), sorted(ops)
+    with torch.no_grad():
+        assert rel_err(program.module()(x), model(x)) < 1e-5
