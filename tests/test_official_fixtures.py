@@ -1,4 +1,4 @@
-"""Outputs of the official code (../shared/fixtures/official) reproduced after loading its
+"""Outputs of the official code (tests/fixtures/official) reproduced after loading its
 state dicts: within 1e-9 relative error in float64 and 1e-4 in float32."""
 
 
