@@ -4,7 +4,8 @@ Training uses timm's ``create_transform`` because the official code does (``data
 the same RandomResizedCrop, RandAugment ``rand-m9-mstd0.5-inc1`` and RandomErasing give the same
 distribution of inputs, which torchvision's RandAugment (different ops and magnitudes) would not.
 Evaluation is plain torchvision: resize the shorter side, centre-crop (or squash for the 384
-fine-tunes), normalise.
+fine-tunes), normalise. Every transform first makes the image 8-bit RGB with
+:func:`swinv2.data.images.to_rgb`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import math
 
 from torchvision import transforms as T
+
+from .images import to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -98,7 +101,38 @@ def train_transform(
         mean=mean,
         std=std,
     )
+    _keep_posterize_defined(tf)
     return T.Compose([_RGB(), tf])
+
+
+def _posterize(img, bits_to_keep, **kwargs):
+    """timm's posterize, defined for 0 bits as well: keeping no bit masks every bit.
+
+    timm's increasing posterize (the ``inc1`` of the official policy) asks for ``4 - int(m / 10
+    * 4)`` bits, 0 when the noisy magnitude reaches 10. Pillow computes ``i & ~(2 ** (8 - bits) -
+    1)`` per channel value, which for 0 bits is 0: older releases returned that black image,
+    newer ones refuse the argument. The official runs trained with the black image."""
+    from timm.data import auto_augment
+
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def _keep_posterize_defined(transform) -> None:
+    """Swap :func:`_posterize` in for timm's posterize in the RandAugment, AutoAugment or AugMix
+    ops of a timm transform. Only the function an op applies changes: each op still draws its
+    probability and magnitude as before, so every other image is augmented exactly as timm does."""
+    from timm.data import auto_augment as aa
+
+    for step in getattr(transform, "transforms", [transform]):
+        if isinstance(step, aa.AutoAugment):
+            ops = [op for sub_policy in step.policy for op in sub_policy]
+        else:
+            ops = getattr(step, "ops", None) if isinstance(step, (aa.RandAugment, aa.AugMixAugment)) else None
+        for op in ops or ():
+            if op.aug_fn is aa.posterize:
+                op.aug_fn = _posterize
 
 
 def simmim_transform(img_size: int, *, scale=(0.67, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -115,10 +149,10 @@ def simmim_transform(img_size: int, *, scale=(0.67, 1.0), mean=IMAGENET_MEAN, st
 
 
 class _RGB:
-    """Convert any PIL mode (L, P, RGBA, CMYK, I;16) to RGB before the geometric steps."""
+    """Convert any PIL mode (L, P, RGBA, CMYK, 16-bit grey) to 8-bit RGB before the geometric steps."""
 
     def __call__(self, img):
-        return img if getattr(img, "mode", "RGB") == "RGB" else img.convert("RGB")
+        return img if getattr(img, "mode", "RGB") == "RGB" else to_rgb(img)
 
     def __repr__(self) -> str:
         return "ConvertRGB()"
