@@ -97,16 +97,9 @@ def save_reconstruction_grid(images, masks, recs, path, mean=IMAGENET_MEAN, std=
 
 
 def _read(path: str):
-    from .loading import CheckpointError, read_state_dict
+    from .loading import read_checkpoint
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        return read_state_dict(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
-    except Exception as err:  # noqa: BLE001 - every reader failure becomes one clear message
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    return read_checkpoint(path)  # never runs code from the file; one-line errors
 
 
 def load_simmim(path: str | os.PathLike, *, model: str | None = None, img_size: int | None = None,
@@ -136,6 +129,9 @@ def load_simmim(path: str | os.PathLike, *, model: str | None = None, img_size: 
     if window_size:
         overrides["window_size"] = window_size
     if encoder_config:
+        from .model_config import check_model_config
+
+        check_model_config(encoder_config, path)  # before anything is built from the file's numbers
         encoder = SwinTransformerV2(**{**encoder_config, **overrides})
         name, official = run.get("model") or "SimMIM", False
     elif model:
@@ -174,8 +170,7 @@ def _window_arg(text: str) -> int | None | str:
 
 
 def cmd_reconstruct(args) -> int:
-    from PIL import Image
-
+    from .data.images import open_rgb
     from .data.transforms import eval_transform
     from .simmim import MaskGenerator
 
@@ -186,8 +181,7 @@ def cmd_reconstruct(args) -> int:
     images = []
     for path in args.images:
         try:
-            with Image.open(path) as img:
-                images.append(tf(img))
+            images.append(tf(open_rgb(path)))  # a FIFO is refused, not opened
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
     x = torch.stack(images)  # (B, 3, size, size)

@@ -3,7 +3,8 @@
 Every source is a map-style dataset ``i -> (PIL RGB image or None, class index)`` with
 ``classes`` (names) and ``targets`` (one int per item). ``None`` marks a file that could not be
 decoded: the loader drops and counts it (:func:`swinv2.data.loader.collate_skip`), so one bad
-file in a million never ends a run. No transform is applied here; augmentation is seeded per
+file in a million never ends a run. A split with no readable image at all is refused by
+:func:`require_readable`. No transform is applied here; augmentation is seeded per
 (seed, epoch, index) by :class:`swinv2.data.loader.TransformedDataset`.
 """
 
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
+
+from .images import is_regular_file, open_rgb
 
 
 class MissingFolderError(FileNotFoundError, ValueError):
@@ -86,12 +89,14 @@ class ImageFolderDataset(Dataset):
     ``IMG_EXTENSIONS``); files with other extensions are ignored, as torchvision does.
 
     ``min_classes=2`` for a training folder (one class cannot train a classifier); 1 for
-    evaluation. Unreadable files (corrupt, truncated, zero bytes, not an image) give
-    ``(None, target)`` and one warning naming the file.
+    evaluation. Entries named like images that are no regular files (FIFOs, sockets, devices,
+    broken links), which would block or fail on opening, are left out at scan time, listed in
+    ``not_files`` and reported in one warning. Unreadable files (corrupt, truncated, zero bytes,
+    not an image) give ``(None, target)`` and one warning naming the file.
     """
 
     def __init__(self, root: str | os.PathLike, *, min_classes: int = 1):
-        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
 
         root = Path(root)
         if not root.is_dir():
@@ -104,7 +109,23 @@ class ImageFolderDataset(Dataset):
                 f"{root} has no class subfolders ({files} loose files): put each class's images in their own "
                 f"subfolder, e.g. {root}/cat/1.jpg and {root}/dog/2.jpg"
             ) from None
-        samples = make_dataset(os.fspath(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        not_files: list[str] = []
+
+        def is_image_file(path: str) -> bool:
+            if not has_file_allowed_extension(path, IMG_EXTENSIONS):
+                return False
+            if is_regular_file(path):
+                return True
+            not_files.append(path)
+            return False
+
+        samples = make_dataset(os.fspath(root), class_to_idx, is_valid_file=is_image_file, allow_empty=True)
+        if not_files:
+            warnings.warn(
+                f"skipping {len(not_files)} entr{'y' if len(not_files) == 1 else 'ies'} under {root} named like "
+                f"images but not regular files (FIFO, socket, device or broken link), e.g. {not_files[0]}",
+                stacklevel=2,
+            )
         if not samples:
             raise ValueError(
                 f"{root} holds no images: none of its class subfolders {_names(classes)} has a file ending in "
@@ -125,19 +146,63 @@ class ImageFolderDataset(Dataset):
         self.class_to_idx = class_to_idx
         self.samples = samples
         self.targets = [t for _, t in samples]
+        self.not_files = not_files
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def read(self, i: int) -> Image.Image:
+        """Image ``i`` as 8-bit RGB; raises whatever makes it unreadable."""
+        return open_rgb(self.samples[i][0])
+
     def __getitem__(self, i: int) -> tuple[Image.Image | None, int]:
         path, target = self.samples[i]
         try:
-            with Image.open(path) as img:
-                img.load()  # decode now: a truncated file fails here, not later inside a transform
-                return img.convert("RGB"), target
+            return self.read(i), target
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error...: all mean "skip"
             warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", stacklevel=2)
             return None, target
+
+
+def require_readable(dataset, split: str) -> None:
+    """Raise a one-line ValueError when not one image of ``dataset`` can be read.
+
+    Images are tried in order until the first that decodes, so a sound folder costs one decode
+    however large it is, and only a folder of unreadable files is read through (each fails
+    fast). Without this, a split of corrupt files trains on nothing and "evaluates" to 0.0 on 0
+    images. ``split`` names it in the message ("training", "validation"...). Sources other than
+    image folders (the bundled digits) are always readable.
+    """
+    base, indices = _unwrap(dataset)
+    if not isinstance(base, ImageFolderDataset):
+        return
+    order = indices if indices is not None else range(len(base))
+    first_error = None
+    for i in order:
+        try:
+            base.read(i)
+            return
+        except Exception as err:  # noqa: BLE001 - any failure means this one is unreadable: try the next
+            first_error = first_error or f"{base.samples[i][0]}: {type(err).__name__}: {err}"
+    where = f"folder {base.root}" if indices is None else f"split of {base.root}"
+    raise ValueError(
+        f"no readable image in the {split} {where}: all {len(order)} of its image files are unreadable "
+        f"(first: {first_error})"
+    )
+
+
+def _unwrap(dataset):
+    """(the dataset under any nesting of subsets, its indices there or None for all of it)."""
+    base, indices = dataset, None
+    while isinstance(base, Subset):
+        indices = [base.indices[i] for i in (indices if indices is not None else range(len(base)))]
+        base = base.dataset
+    return base, indices
+
+
+def root_of(dataset) -> Path | None:
+    """The folder an image-folder dataset (or a subset of one) reads, else None."""
+    return getattr(_unwrap(dataset)[0], "root", None)
 
 
 def _names(classes: Sequence[str], limit: int = 10) -> str:

@@ -13,7 +13,7 @@ from .. import hub
 from ..data import datasets as D
 from ..data.transforms import eval_transform
 from ..train.config import TrainConfig
-from ..train.distributed import setup, teardown
+from ..train.distributed import all_reduce_sum, setup, teardown
 from ..variants import create_model
 from .common import evaluate_classifier
 
@@ -82,6 +82,7 @@ def run(args) -> dict:
         else:
             train_root, val_root = D.resolve_folders(args.data, None)
             dataset = D.ImageFolderDataset(val_root or train_root, min_classes=1)
+            D.require_readable(dataset, "evaluation")
         classes = list(dataset.classes)
         out = model.num_classes
         if out != len(classes):
@@ -91,14 +92,31 @@ def run(args) -> dict:
             raise ValueError(f"the weights were trained on classes {names[:10]}..., the data has {classes[:10]}...")
         tf = eval_transform(pre.img_size, crop_pct=pre.crop_pct, crop_mode=pre.crop_mode,
                             interpolation=pre.interpolation)
-        from .supervised import eval_loader
+        from .supervised import eval_loader, require_images
 
         model.to(env.device)
-        metrics = evaluate_classifier(model, eval_loader(dataset, tf, cfg, env), env, cfg, len(classes))
-        return dict(metrics, img_size=pre.img_size, crop_pct=pre.crop_pct, crop_mode=pre.crop_mode,
-                    window=model.window_size[0], checkpoint=args.checkpoint, model=args.model)
+        loader = _SkipCounter(eval_loader(dataset, tf, cfg, env))
+        metrics = evaluate_classifier(model, loader, env, cfg, len(classes))
+        skipped = torch.tensor(float(loader.skipped), dtype=torch.float64, device=env.device)
+        all_reduce_sum(skipped)
+        require_images(metrics, dataset, "evaluation")
+        return dict(metrics, skipped_images=int(skipped), img_size=pre.img_size, crop_pct=pre.crop_pct,
+                    crop_mode=pre.crop_mode, window=model.window_size[0], checkpoint=args.checkpoint,
+                    model=args.model)
     finally:
         teardown()
+
+
+class _SkipCounter:
+    """Iterates a loader of ``(images, targets, n_skipped)`` batches, adding up ``n_skipped``."""
+
+    def __init__(self, loader):
+        self.loader, self.skipped = loader, 0
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.skipped += int(batch[-1])
+            yield batch
 
 
 def main(args) -> int:
@@ -110,5 +128,6 @@ def main(args) -> int:
     else:
         print(f"top-1 {result['top1'] * 100:.2f}%  top-5 {result['top5'] * 100:.2f}%  loss {result['loss']:.4f}  "
               f"on {result['images']} images at {result['img_size']}px ({result['crop_mode']} crop "
-              f"{result['crop_pct']}, window {result['window']})")
+              f"{result['crop_pct']}, window {result['window']})"
+              + (f"; {result['skipped_images']} unreadable images skipped" if result["skipped_images"] else ""))
     return 0

@@ -20,7 +20,7 @@ from ..train.distributed import Dist, all_reduce_sum, setup, teardown, unwrap, w
 from ..train.engine import Loop, autocast
 from ..variants import create_model
 from .common import model_overrides, prepare_run, run_loop, set_threads
-from .supervised import eval_loader, load_datasets, make_optimizer
+from .supervised import eval_loader, load_datasets, make_optimizer, require_images
 
 PICTURE_IMAGES = 8
 
@@ -36,6 +36,19 @@ def build_simmim(cfg: TrainConfig) -> SimMIM:
 def _masks(generator: MaskGenerator, n: int, seed: int, device) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.stack([generator(generator=g) for _ in range(n)]).to(device)  # (n, H/p, W/p)
+
+
+def _first_readable(dataset, count: int) -> torch.Tensor | None:
+    """The first ``count`` images of an evaluation dataset that can be read, stacked (None if none):
+    an unreadable file is passed over rather than put in the picture."""
+    images = []
+    for i in range(len(dataset)):
+        item = dataset[(0, i)]
+        if item is not None:
+            images.append(item[0])
+            if len(images) == count:
+                break
+    return torch.stack(images) if images else None
 
 
 def main(cfg: TrainConfig) -> int:
@@ -88,12 +101,15 @@ def _run(cfg: TrainConfig, env: Dist) -> int:
                 sums += torch.stack([loss * images.shape[0], torch.tensor(images.shape[0], device=env.device)])
         all_reduce_sum(sums)
         net.train()
-        return dict(loss=float(sums[0]) / max(float(sums[1]), 1.0))
+        require_images(dict(images=int(sums[1])), val)
+        return dict(loss=float(sums[0]) / float(sums[1]))
 
     def pictures(net, epoch: int) -> None:
         if not env.main:
             return
-        images = torch.stack([val_loader.dataset[(0, i)][0] for i in range(min(PICTURE_IMAGES, len(val)))])
+        images = _first_readable(val_loader.dataset, PICTURE_IMAGES)
+        if images is None:
+            return
         mask = _masks(masker, images.shape[0], 10_000, "cpu")
         core = unwrap(net)
         core.eval()
@@ -116,5 +132,5 @@ def _run(cfg: TrainConfig, env: Dist) -> int:
              f"{img}px, mask {cfg.mask_ratio:.0%} of {cfg.mask_patch}px patches")
     return run_loop(cfg, env, wrapped, optimizer, loop, state, intro, summary=lambda final: dict(
         task="pretrain", model=cfg.model, updates=final.step, best_val_loss=final.best, best_epoch=final.best_epoch,
-        output=cfg.output,
+        skipped_images=final.skipped_images, output=cfg.output,
         finetune=f"swinv2 finetune --checkpoint {cfg.output}/checkpoint-last.pt --model {cfg.model}"))

@@ -28,7 +28,9 @@ from .common import evaluate_classifier, model_overrides, model_saver, prepare_r
 
 
 def load_datasets(cfg: TrainConfig):
-    """(train, val, class names): the bundled digits without ``--data``, else image folders."""
+    """(train, val, class names): the bundled digits without ``--data``, else image folders.
+
+    A split in which not one image can be read is refused here, before any model is built."""
     if cfg.data is None:
         train = D.DigitsDataset("train", seed=cfg.seed)
         val = D.DigitsDataset("val", seed=cfg.seed)
@@ -44,6 +46,8 @@ def load_datasets(cfg: TrainConfig):
             D.check_same_classes(train, val)
     if cfg.train_fraction < 1:
         train = D.subset_fraction(train, cfg.train_fraction, cfg.seed)
+    D.require_readable(train, "training")
+    D.require_readable(val, "validation")
     return train, val, classes
 
 
@@ -148,11 +152,21 @@ def make_loop(cfg: TrainConfig, env: Dist, train, val, classes, model_img: int) 
         objective=objective,
         loader_for=loader_for,
         batches_per_epoch=len(loader),
-        evaluate=lambda model: evaluate_classifier(model, val_loader, env, cfg, len(classes)),
+        evaluate=lambda model: require_images(evaluate_classifier(model, val_loader, env, cfg, len(classes)), val),
         select=("top1", True),
         extra_state=lambda: dict(class_names=list(classes)),
         save_model=model_saver(cfg, classes),
     )
+
+
+def require_images(metrics: dict, dataset, split: str = "validation") -> dict:
+    """``metrics`` of an evaluation pass, or a ValueError when it saw no image (every file of the
+    split failed to decode): 0.0 on 0 images must not pass for a score or select a checkpoint."""
+    if metrics.get("images", 1) == 0:
+        root = D.root_of(dataset)
+        raise ValueError(f"no readable image in the {split} data{f' ({root})' if root else ''}: all "
+                         f"{len(dataset)} image files were skipped as unreadable")
+    return metrics
 
 
 def eval_loader(dataset, transform, cfg: TrainConfig, env: Dist) -> DataLoader:
