@@ -7,6 +7,9 @@ Everything here works on channel-last maps: ``(B, H, W, C)`` for feature maps an
 from __future__ import annotations
 
 import math
+import operator
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 
 import torch
 import torch.nn.functional as F
@@ -41,17 +44,112 @@ ATTN_TYPES = ("cosine", "dot")
 POSITION_BIASES = ("log_cpb", "linear_cpb", "table", "none")
 
 
-def to_2tuple(value, name: str = "value") -> Size2:
-    """(v, v) for an int, the pair itself for a pair; anything else is an error."""
-    if isinstance(value, int):
-        return (value, value)
+def _as_int(value, name: str, whole) -> int:
+    """An integer (Python, NumPy or a 0-d integer tensor); strings, bools and floats are errors:
+    ``int()`` would read "64" as 64 and 64.7 as 64 without a word."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {whole!r}")
     try:
-        pair = tuple(int(v) for v in value)
+        return operator.index(value)
     except TypeError:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
-    if len(pair) != 2:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {whole!r}") from None
+
+
+def to_2tuple(value, name: str = "value") -> Size2:
+    """(v, v) for an int, the pair itself for a pair of ints; anything else is an error
+    (a string is not a pair: "64" would otherwise read as (6, 4))."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if not hasattr(value, "__iter__") or (isinstance(value, torch.Tensor) and value.ndim == 0):
+        v = _as_int(value, name, value)
+        return (v, v)
+    items = list(value)
+    if len(items) != 2:
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return pair  # type: ignore[return-value]
+    return (_as_int(items[0], name, value), _as_int(items[1], name, value))
+
+
+# Largest tensor (or group of tensors) a model keeps per cache of derived constants, and so the
+# largest kept per entry: bigger ones (windows of 32 and more at many heads) are recomputed.
+CONSTANT_CACHE_BYTES = 16 * 2**20
+
+
+_MISSING = object()
+
+
+class BoundedCache:
+    """Least-recently-used store for constants derived from the input size (masks, token
+    orders, coordinate tables), at most ``entries`` values and ``max_bytes`` of tensor data.
+
+    Any input size is allowed, so the keys are unbounded (a detector sees a new padded size
+    almost every batch); without a bound the cache would grow for the life of the model. A
+    value larger than ``max_bytes`` is built and returned without being kept.
+    """
+
+    def __init__(self, entries: int = 8, max_bytes: int = 64 * 2**20):
+        self.entries, self.max_bytes = entries, max_bytes
+        self._items: OrderedDict = OrderedDict()
+        self._sizes: dict = {}
+
+    def get(self, key: Hashable, build: Callable[[], object]):
+        """The value kept for ``key``, or ``build()``'s, kept if it fits."""
+        value = self.lookup(key, _MISSING)
+        if value is _MISSING:
+            # usable later by training, whoever fills it (inference_mode(False) alone would turn
+            # gradients on)
+            with torch.inference_mode(False), torch.no_grad():
+                value = build()
+            self.put(key, value)
+        return value
+
+    def lookup(self, key: Hashable, default=None):
+        """The value kept for ``key`` (now the most recently used), or ``default``."""
+        if key not in self._items:
+            return default
+        self._items.move_to_end(key)
+        return self._items[key]
+
+    def put(self, key: Hashable, value) -> None:
+        """Keep ``value`` for ``key`` unless it is larger than the whole budget; drop the
+        least recently used values until the bounds hold."""
+        self._items.pop(key, None)
+        self._sizes.pop(key, None)
+        size = _nbytes(value)
+        if size > self.max_bytes:
+            return
+        self._items[key], self._sizes[key] = value, size
+        while len(self._items) > self.entries or self.nbytes > self.max_bytes:
+            old, _ = self._items.popitem(last=False)
+            del self._sizes[old]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._sizes.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key) -> bool:
+        return key in self._items
+
+
+def _same_values(saved: list[torch.Tensor], params: list[torch.Tensor]) -> bool:
+    """Whether ``params`` hold exactly the values saved (same shapes, dtypes and devices)."""
+    return len(saved) == len(params) and all(
+        s.shape == p.shape and s.dtype == p.dtype and s.device == p.device and torch.equal(s, p.detach())
+        for s, p in zip(saved, params))
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 # --------------------------------------------------------------------------------------
@@ -241,11 +339,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.gelu(y) if gelu else y
 
 
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def unhooked(*modules: nn.Module) -> bool:
-    """No forward hooks on these modules, nor global ones: nothing watches their outputs."""
-    if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks:
+    """Nothing watches or replaces these modules' calls: no forward, forward-pre, backward or
+    backward-pre hook on them nor a global one, and no ``forward`` patched onto the instance
+    (as offloading and profiling wrappers do). Only then may a faster computation of the
+    same values skip ``module.__call__`` or run the batch in parts; otherwise every hook must
+    fire once, with the whole batch, as on the plain model."""
+    if any(getattr(_module_hooks, name, None) for name in _GLOBAL_HOOKS):
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    return not any(getattr(m, name, None) for m in modules for name in _MODULE_HOOKS) and not any(
+        "forward" in m.__dict__ for m in modules)
 
 
 def apply_linear(module: nn.Module, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
@@ -360,10 +468,13 @@ def attention_mask(
     padded = (Hp, Wp) != (H, W)
     if not padded and sh == 0 and sw == 0:
         return None
-    mask = torch.zeros((Hp * Wp // (wh * ww), wh * ww, wh * ww))
+    # Per-token facts are built on the CPU (a map's worth); the (nW, N, N) mask, N times
+    # larger, is built where it is used, never copied there.
+    N = wh * ww
+    mask = torch.zeros((Hp * Wp // N, N, N), dtype=torch.float32, device=device)
     if sh or sw:
         # Label the (up to) 3x3 regions that the cyclic shift brings together.
-        labels = torch.zeros((1, Hp, Wp, 1))
+        labels = torch.zeros((1, Hp, Wp, 1), dtype=torch.int64)
         h_cuts = [0, Hp - wh, Hp - sh, Hp] if sh else [0, Hp]
         w_cuts = [0, Wp - ww, Wp - sw, Wp] if sw else [0, Wp]
         region = 0
@@ -371,16 +482,16 @@ def attention_mask(
             for w0, w1 in zip(w_cuts[:-1], w_cuts[1:]):
                 labels[:, h0:h1, w0:w1, :] = region
                 region += 1
-        lab = window_partition(labels, window).squeeze(-1)  # (nW, N)
-        mask = mask.masked_fill(lab[:, None, :] != lab[:, :, None], SHIFT_MASK_VALUE)
+        lab = window_partition(labels, window).squeeze(-1).to(device)  # (nW, N)
+        mask.masked_fill_(lab[:, None, :] != lab[:, :, None], SHIFT_MASK_VALUE)
     if padded:
         is_pad = torch.zeros((1, Hp, Wp, 1), dtype=torch.bool)
         is_pad[:, H:, :, :] = True
         is_pad[:, :, W:, :] = True
         is_pad = torch.roll(is_pad, shifts=(-sh, -sw), dims=(1, 2))
-        pad_keys = window_partition(is_pad, window).squeeze(-1)  # (nW, N)
-        mask = mask.masked_fill(pad_keys[:, None, :], PAD_MASK_VALUE)
-    return mask.to(device)
+        pad_keys = window_partition(is_pad, window).squeeze(-1).to(device)  # (nW, N)
+        mask.masked_fill_(pad_keys[:, None, :], PAD_MASK_VALUE)
+    return mask
 
 
 # --------------------------------------------------------------------------------------
@@ -484,14 +595,18 @@ class WindowAttention(nn.Module):
         self.attn_type = attn_type
         self.position_bias = position_bias
         self.pretrained_window_size = tuple(pretrained_window_size)
-        self._cache: dict = {}  # coordinate tables and index maps, keyed by window and device
+        # coordinate tables and index maps by window, device and dtype; the bias by window
+        self._cache = BoundedCache(entries=8, max_bytes=CONSTANT_CACHE_BYTES)
+        self._bias_cache = BoundedCache(entries=4, max_bytes=CONSTANT_CACHE_BYTES)
 
         if attn_type == "cosine":
             self.logit_scale = nn.Parameter(torch.empty(num_heads, 1, 1))
         if position_bias in ("log_cpb", "linear_cpb"):
             self.cpb_mlp = nn.Sequential(
                 nn.Linear(2, cpb_hidden_dim, bias=True),
-                nn.ReLU(inplace=True),
+                # not in place (unlike the official code): a full backward hook on the Linear
+                # before it would otherwise fail, and the hidden layer is small
+                nn.ReLU(),
                 nn.Linear(cpb_hidden_dim, num_heads, bias=False),
             )
         elif position_bias == "table":
@@ -537,11 +652,7 @@ class WindowAttention(nn.Module):
             nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def _cached(self, kind: str, window: Size2, device, dtype=None) -> torch.Tensor:
-        key = (kind, window, device, dtype)
-        if key not in self._cache:
-            with torch.inference_mode(False):  # usable later by training, whoever fills it
-                self._cache[key] = self._constant(kind, window, device, dtype)
-        return self._cache[key]
+        return self._cache.get((kind, window, device, dtype), lambda: self._constant(kind, window, device, dtype))
 
     def _constant(self, kind: str, window: Size2, device, dtype) -> torch.Tensor:
         if kind == "index":
@@ -564,28 +675,34 @@ class WindowAttention(nn.Module):
     def relative_bias(self, window: Size2) -> torch.Tensor | None:
         """The additive bias ``(nH, N, N)`` for a window, or None without position bias.
 
-        It depends on the weights only, so while no gradient is needed (evaluation,
-        inference) it is computed once and reused until a weight changes (detected through
-        the parameters' version counters, which optimizers and loading bump). Under autocast
-        the MLP runs in the autocast dtype, as the official code's does, so the cached bias
-        is kept per autocast dtype too: one computed in bfloat16 never serves float32 calls.
+        It depends on the weights only, so on the CPU while no gradient is needed
+        (evaluation, inference) it is computed once and reused while the weights it comes
+        from hold the same values: a copy of them is kept and compared on every call, so any
+        change (an optimizer step, loading, ``p.data.mul_()``, ``p.data = ...``) is seen.
+        Elsewhere the comparison would stall the device, so the bias is computed each call.
+        Under autocast the MLP runs in the autocast dtype, as the official code's does, so
+        the cached bias is kept per autocast dtype too. Hooks on the bias modules see every
+        call (nothing is cached then).
         """
         if self.position_bias == "none":
             return None
         window = tuple(window)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self._relative_bias(window)
         params = [p for n, p in self.named_parameters() if n.startswith(("cpb_mlp", "relative_position"))]
-        device = params[0].device.type if params else "cpu"
-        autocast = None
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-            autocast = torch.get_autocast_dtype(device)
-        stamp = (autocast,) + tuple((id(p), p._version, p.device, p.dtype) for p in params)
-        cached = self._cache.get(("bias", window))
-        if cached is None or cached[0] != stamp:
-            cached = (stamp, self._relative_bias(window))
-            self._cache[("bias", window)] = cached
-        return cached[1]
+        if (torch.is_grad_enabled() or torch.compiler.is_compiling() or not params
+                or params[0].device.type != "cpu" or not unhooked(*self._bias_modules())):
+            return self._relative_bias(window)
+        autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        key = (window, autocast)
+        cached = self._bias_cache.lookup(key)
+        if cached is not None and _same_values(cached[0], params):
+            return cached[1]
+        with torch.inference_mode(False), torch.no_grad():  # usable later by training, whoever fills it
+            bias = self._relative_bias(window)
+            self._bias_cache.put(key, ([p.detach().clone() for p in params], bias))
+        return bias
+
+    def _bias_modules(self) -> list[nn.Module]:
+        return list(self.cpb_mlp.modules()) if hasattr(self, "cpb_mlp") else []
 
     def _relative_bias(self, window: Size2) -> torch.Tensor:
         N = window[0] * window[1]
@@ -608,8 +725,15 @@ class WindowAttention(nn.Module):
         bias = None
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        # 2-D, so that qkv is the GEMM's own output rather than a view of it (see _CosineQK)
-        qkv = linear(x.reshape(B_ * N, C), self.qkv.weight, bias)  # (B_*N, 3C)
+        x2d = x.reshape(B_ * N, C)
+        if type(self.qkv) is nn.Linear and unhooked(self.qkv):
+            # 2-D, so that qkv is the GEMM's own output rather than a view of it (see _CosineQK)
+            qkv = linear(x2d, self.qkv.weight, bias)  # (B_*N, 3C)
+        else:  # through the module, so that its hooks (or a wrapper's computation) see the call
+            qkv = self.qkv(x2d)
+            # a new tensor either way: q and k are scaled in place below, and a hook may hold
+            # the module's output
+            qkv = qkv.clone() if bias is None else qkv + bias
         split = lambda t: t.view(B_, N, 3, nH, C // nH).permute(2, 0, 3, 1, 4).unbind(0)  # noqa: E731
         q, k, v = split(qkv)  # (B_, nH, N, d) each
         # The native kernel normalises q and k as it reads them; otherwise they are scaled here.
@@ -648,7 +772,11 @@ class WindowAttention(nn.Module):
         if not torch.is_grad_enabled():
             _scale_qk_(qkv, scale, self.num_heads)
             return qkv, True
-        if scale.dtype != qkv.dtype:
+        if scale.dtype != qkv.dtype and qkv.device.type == "cpu":
+            # CPU autocast training keeps the reference form (its speed was measured so); on
+            # accelerators q and k are scaled here too, in qkv's dtype with float32 factors,
+            # rather than through F.normalize, which autocast runs in float32 (a float32 copy
+            # of q and k, then another cast for the products)
             return qkv, False
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
             return qkv, False
@@ -720,10 +848,15 @@ class WindowAttention(nn.Module):
         become one additive term.
         (B_, nH, N, d) each -> (B_, nH, N, d)."""
         B_, nH, N, d = q.shape
-        # Decided on the dtype q arrives in (the autocast dtype): a float32 logit scale
-        # would promote it below, so the kernel's scale is cast to q's dtype instead. Only
-        # with gradients: without, scaled_dot_product_attention measured ~4% faster.
-        matmul = q.device.type == "cpu" and q.dtype in self.cpu_matmul_dtypes and torch.is_grad_enabled()
+        # Two matmuls with the bias added in place and broadcast over the images
+        # (_matmul_attention): on a CPU in bf16/fp16 with gradients, where it measured fastest
+        # (decided on the dtype q arrives in, the autocast dtype: a float32 logit scale would
+        # promote it below, so the scale is cast to q's dtype instead; without gradients
+        # scaled_dot_product_attention measured ~4% faster); and on accelerators wherever a
+        # mask is added, since scaled_dot_product_attention takes one additive term per
+        # (window, head) and the (nW, nH, N, N) bias would be copied for every image.
+        matmul = (q.device.type == "cpu" and q.dtype in self.cpu_matmul_dtypes and torch.is_grad_enabled()) or (
+            q.device.type != "cpu" and mask is not None)
         use_native = self._takes_native(q, k, v)
         cosine_scale = None  # the native kernel's: it normalises q and k itself
         if self.attn_type != "cosine":
@@ -732,7 +865,7 @@ class WindowAttention(nn.Module):
             cosine_scale = self.logit_scale_value()
         elif not normalized:  # autocast, compile, tracing, or the reference
             scale = self.logit_scale_value()
-            q = F.normalize(q, dim=-1) * (scale.to(q.dtype) if matmul else scale)
+            q = F.normalize(q, dim=-1) * (scale.to(q.dtype) if matmul and q.device.type == "cpu" else scale)
             k = F.normalize(k, dim=-1)
         # the native kernel adds the bias in float32 whatever q's dtype
         bias_dtype = torch.float32 if use_native else q.dtype
@@ -763,9 +896,10 @@ def _scale_qk_(qkv: torch.Tensor, scale: torch.Tensor, num_heads: int) -> tuple[
     """Scale q and k of ``qkv`` (M, 3C) in place to ``scale``/||q|| and 1/||k|| (norms
     floored at NORM_EPS, as F.normalize does); return their norms and the factors applied,
     both (M, 2, nH, 1). For bfloat16 or float16 ``qkv`` the norm is accumulated in float32
-    and the factors computed in float32, then rounded to qkv's dtype for the multiply (a
-    mixed-dtype in-place multiply is 6x slower); that is as close to float64 as F.normalize
-    in bfloat16 (0.28% rms at SwinV2-T's stage 0).
+    and the factors computed in float32, then rounded to bfloat16 for the multiply (a
+    mixed-dtype in-place multiply is 6x slower on a CPU); that is as close to float64 as
+    F.normalize in bfloat16 (0.28% rms at SwinV2-T's stage 0). float16 keeps float32 factors:
+    ``scale / ||x||`` of a short row (a zero query, or one of subnormals) exceeds its range.
 
     The norms and the multiply run over all of qkv's rows, v's included (v's factor is
     exactly 1, so v is unchanged bit for bit): qkv is then one contiguous run of d-long rows,
@@ -774,7 +908,8 @@ def _scale_qk_(qkv: torch.Tensor, scale: torch.Tensor, num_heads: int) -> tuple[
     M, C3 = qkv.shape
     rows = qkv.view(M, 3, num_heads, C3 // (3 * num_heads))
     norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)[:, :2]  # v's norms dropped
-    factors = torch.empty(rows.shape[:-1] + (1,), dtype=qkv.dtype, device=qkv.device)  # (M, 3, nH, 1)
+    factor_dtype = torch.float32 if qkv.dtype == torch.float16 else qkv.dtype
+    factors = torch.empty(rows.shape[:-1] + (1,), dtype=factor_dtype, device=qkv.device)  # (M, 3, nH, 1)
     factors[:, 2] = 1.0
     if norm.dtype in (torch.bfloat16, torch.float16):
         norm = norm.float()
@@ -811,9 +946,11 @@ class _CosineQK(torch.autograd.Function):
         nH = ctx.num_heads
         g = grad.reshape(y.shape)
         y_qk, g_qk = _qk_view(y, nH), _qk_view(g, nH)
-        dot = (g_qk * y_qk).sum(-1, keepdim=True)  # <g, y> per row: (M, 2, nH, 1)
-        inv_c2 = torch.ones(2, nH, 1, dtype=y.dtype, device=y.device)
-        inv_c2[0] = scale.view(nH, 1).square().reciprocal()
+        # <g, y> per row, (M, 2, nH, 1), accumulated in float32 whatever qkv's dtype: the scale's
+        # gradient sums it over every token, which float16 could not hold
+        dot = torch.sum(g_qk * y_qk, dim=-1, keepdim=True, dtype=torch.promote_types(y.dtype, torch.float32))
+        inv_c2 = torch.ones(2, nH, 1, dtype=dot.dtype, device=y.device)
+        inv_c2[0] = scale.view(nH, 1).to(dot.dtype).square().reciprocal()
         coef = (dot * inv_c2).masked_fill_(norm < NORM_EPS, 0.0)
         out = torch.empty_like(y)
         out_qk = _qk_view(out, nH)
@@ -823,7 +960,7 @@ class _CosineQK(torch.autograd.Function):
         out.view(M, 3, -1)[:, 2].copy_(g.reshape(M, 3, -1)[:, 2])
         dscale = None
         if ctx.needs_input_grad[1]:
-            dscale = (dot[:, 0].sum(0) / scale.view(nH, 1)).view_as(scale)
+            dscale = (dot[:, 0].sum(0) / scale.view(nH, 1).to(dot.dtype)).view_as(scale).to(scale.dtype)
         return out, dscale, None
 
 
@@ -843,8 +980,17 @@ def _matmul_attention(q, k, v, bias, drop: float, training: bool) -> torch.Tenso
     if bias is not None:
         nb = bias.shape[0]
         # In place: the matmul's backward does not need its output, so autograd allows it.
-        attn = attn.view(B_ // nb, nb, nH, N, N).add_(bias).view(B_, nH, N, N)
-    attn = F.dropout(attn.softmax(dim=-1), drop, training)
+        attn = attn.view(B_ // nb, nb, nH, N, N).add_(bias.to(attn.dtype)).view(B_, nH, N, N)
+    device = attn.device.type
+    if device != "cpu" and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        # Autocast would run the softmax in float32: a float32 copy of the scores, kept for
+        # backward. Its kernels accumulate in float32 anyway, and the probabilities are
+        # rounded to the scores' dtype for the product with v either way.
+        with torch.autocast(device, enabled=False):
+            attn = attn.softmax(dim=-1)
+    else:
+        attn = attn.softmax(dim=-1)
+    attn = F.dropout(attn, drop, training)
     return attn @ v  # (B_, nH, N, d)
 
 
@@ -875,7 +1021,7 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.act, nn.GELU) and self.act.approximate == "none":
+        if type(self.act) is nn.GELU and self.act.approximate == "none" and unhooked(self.act):
             h = apply_linear(self.fc1, x, gelu=True)
         else:
             h = self.act(apply_linear(self.fc1, x))

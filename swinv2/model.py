@@ -18,7 +18,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .layers import (
+    CONSTANT_CACHE_BYTES,
     NORM_PLACEMENTS,
+    BoundedCache,
     DropPath,
     Mlp,
     PatchEmbed,
@@ -86,7 +88,8 @@ class SwinTransformerV2Block(nn.Module):
             self.norm1_post = norm_layer(dim)
             self.norm2_post = norm_layer(dim)
         self.norm3 = norm_layer(dim) if extra_norm else None
-        self._order_cache: dict = {}  # shifted-window token orders, by map size, window, shift, device
+        # shifted-window token orders, by map size, window, shift and device
+        self._order_cache = BoundedCache(entries=4, max_bytes=CONSTANT_CACHE_BYTES)
 
     def init_res_post_norm(self) -> None:
         """Zero the branch norms so every residual branch starts as 0 (official init)."""
@@ -116,11 +119,9 @@ class SwinTransformerV2Block(nn.Module):
         return x[:, :H, :W, :] if (pad_h or pad_w) else x
 
     def _shifted_order(self, resolution: Size2, window: Size2, shift: Size2, device):
-        key = (resolution, window, shift, device)
-        if key not in self._order_cache:
-            with torch.inference_mode(False):  # usable later by training, whoever fills it
-                self._order_cache[key] = tuple(t.to(device) for t in shifted_window_order(resolution, window, shift))
-        return self._order_cache[key]
+        return self._order_cache.get(
+            (resolution, window, shift, device),
+            lambda: tuple(t.to(device) for t in shifted_window_order(resolution, window, shift)))
 
     def _add_branch(self, x: torch.Tensor, branch: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """``x + branch`` for a res-post-norm branch (``norm``'s output, or that output scaled
@@ -180,7 +181,9 @@ class SwinTransformerV2Stage(nn.Module):
         self.window_rule = window_rule
         self.grad_checkpointing = False
         self.batch_chunk_mb: float | None = None  # set by the model (see batch_chunks)
-        self._mask_cache: dict = {}
+        # attention masks by map size, window, shift and device; one at 800x1333 with window 16
+        # is ~70 MB, so large ones are built per call instead of kept
+        self._mask_cache = BoundedCache(entries=4, max_bytes=4 * CONSTANT_CACHE_BYTES)
         self.blocks = nn.ModuleList(
             SwinTransformerV2Block(
                 dim, num_heads, drop_path=drop_path[i], norm_layer=norm_layer,
@@ -195,18 +198,23 @@ class SwinTransformerV2Stage(nn.Module):
         return effective_window(resolution, self.window_size, self.window_rule)
 
     def _mask(self, resolution: Size2, window: Size2, shift: Size2, device):
-        key = (resolution, window, shift, device)
-        if key not in self._mask_cache:
-            with torch.inference_mode(False):  # usable later by training, whoever fills it
-                self._mask_cache[key] = attention_mask(resolution, window, shift, device)
-        return self._mask_cache[key]
+        return self._mask_cache.get((resolution, window, shift, device),
+                                    lambda: attention_mask(resolution, window, shift, device))
 
-    def _blocks(self, x: torch.Tensor, keeps=None) -> torch.Tensor:
+    def _masks(self, x: torch.Tensor) -> dict:
+        """{shift: mask} of the unshifted and shifted blocks for the map ``x`` (B, H, W, C),
+        each built (or taken from the cache) once per stage call, shared by its blocks."""
         resolution = (x.shape[1], x.shape[2])
         window, shift = self.window_and_shift(resolution)
+        return {s: self._mask(resolution, window, s, x.device) for s in {(0, 0), shift}}
+
+    def _blocks(self, x: torch.Tensor, keeps=None, masks: dict | None = None) -> torch.Tensor:
+        resolution = (x.shape[1], x.shape[2])
+        window, shift = self.window_and_shift(resolution)
+        masks = self._masks(x) if masks is None else masks
         for i, block in enumerate(self.blocks):
             s = shift if i % 2 else (0, 0)
-            mask = self._mask(resolution, window, s, x.device)
+            mask = masks[s]
             keep = None if keeps is None else keeps[i]
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, window, s, mask, keep, use_reentrant=False)
@@ -276,13 +284,15 @@ class SwinTransformerV2Stage(nn.Module):
             x = self._blocks(x if prologue is None else prologue(x))
             return down(x) if down is not None else x
         plan = self._drop_path_plan(x.shape[0], x.device)
-        outs, start = [], 0
+        outs, start, masks = [], 0, None
         for part in x.tensor_split(n):
             stop = start + part.shape[0]
             keeps = None if plan is None else [
                 None if k is None else tuple(m[start:stop] for m in k) for k in plan
             ]
-            part = self._blocks(part if prologue is None else prologue(part), keeps)
+            part = part if prologue is None else prologue(part)
+            masks = self._masks(part) if masks is None else masks  # every chunk has the same map size
+            part = self._blocks(part, keeps, masks)
             outs.append(down(part) if down is not None else part)
             start = stop
         return torch.cat(outs)
@@ -535,6 +545,11 @@ class SwinTransformerV2(nn.Module):
     # -- forward ----------------------------------------------------------------------
 
     def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected an image tensor of shape (B, C, H, W), got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point image tensor, got {str(x.dtype).removeprefix('torch.')} "
+                            "(convert it, e.g. x.float() / 255 for 8-bit images, then normalise)")
         if x.ndim != 4:
             raise ValueError(f"expected an image batch of shape (B, C, H, W), got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_chans:
@@ -572,11 +587,11 @@ class SwinTransformerV2(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> the unpooled, normed final map (B, H/32, W/32, C_final), NHWC."""
+        self._check_input(x)  # errors name the caller's batch, not a chunk
         n = self._embed_chunks(x)
         if n == 1:
             return self.forward_tokens(self._embed(x))
         # the first stage runs in chunks: embed each chunk there, not the whole batch first
-        self._check_input(x)  # errors name the caller's batch, not a chunk
         x = self.layers[0]._run(x, downsample=True, prologue=self._embed, chunks=n)
         for stage in self.layers[1:]:
             x = stage(x)

@@ -1,0 +1,145 @@
+"""What the model keeps between calls (masks, token orders, position-bias tables) is bounded
+whatever sizes it sees, and never outlives the weights it was computed from."""
+
+import copy
+
+import pytest
+import torch
+from helpers import randomize_, rel_err
+
+import swinv2
+from swinv2.layers import CONSTANT_CACHE_BYTES, BoundedCache, attention_mask
+
+
+def _model(**kw):
+    return randomize_(swinv2.create_model("swinv2_debug", num_classes=5, **kw), seed=4).eval()
+
+
+def _x(h=36, w=52, seed=1):
+    return torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def test_bounded_cache_keeps_the_most_recent_within_its_bounds():
+    cache = BoundedCache(entries=3, max_bytes=100)
+    built = []
+
+    def build(n):
+        built.append(n)
+        return torch.zeros(n, dtype=torch.uint8)
+
+    for n in (10, 20, 30, 10, 40):
+        cache.get(n, lambda n=n: build(n))
+    assert built == [10, 20, 30, 40]  # 10 was served from the cache the second time
+    assert len(cache) == 3 and 20 not in cache and cache.nbytes <= 100  # 20 was the least recently used
+    cache.get(90, lambda: build(90))  # evicts until the bytes fit
+    assert cache.nbytes <= 100 and 90 in cache
+    cache.get(200, lambda: build(200))  # larger than the whole budget: built, returned, not kept
+    assert 200 not in cache and cache.nbytes <= 100
+
+
+def test_many_input_sizes_keep_bounded_caches():
+    """A detector or a server sees a new padded size almost every batch."""
+    model = _model()
+    with torch.no_grad():
+        for i in range(12):
+            model(_x(32 + 4 * i, 48 + 8 * (i % 5)))
+    for stage in model.layers:
+        assert len(stage._mask_cache) <= stage._mask_cache.entries
+        for block in stage.blocks:
+            assert len(block._order_cache) <= block._order_cache.entries
+            assert len(block.attn._cache) <= block.attn._cache.entries
+            assert len(block.attn._bias_cache) <= block.attn._bias_cache.entries
+
+
+def test_large_masks_are_built_per_call_not_kept():
+    """At 800x1333 with window 16, stage 0's mask is ~70 MB: it must not stay in memory."""
+    stage = _model(window_size=16).layers[0]
+    resolution = (200, 334)  # 800x1333 after the 4x4 patch embedding, padded to 16
+    window, shift = stage.window_and_shift(resolution)
+    mask = stage._mask(resolution, window, shift, torch.device("cpu"))
+    assert mask.numel() * mask.element_size() > 4 * CONSTANT_CACHE_BYTES
+    assert len(stage._mask_cache) == 0
+    assert torch.equal(mask, attention_mask(resolution, window, shift))
+
+
+def test_masks_are_built_once_per_stage_call():
+    model = _model()
+    calls = []
+    original = swinv2.model.attention_mask
+
+    def counting(*args, **kwargs):
+        calls.append(args[:3])
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(swinv2.model, "attention_mask", counting)
+        with torch.no_grad():
+            model(_x())
+            first = len(calls)
+            model(_x())
+    # one per (stage, shift) on the first call, whatever the number of blocks; none after
+    assert first == sum(len({(0, 0), s.window_and_shift(r)[1]}) for s, r in
+                        zip(model.layers, model.stage_resolutions((36, 52))))
+    assert len(calls) == first
+
+
+EDITS = {
+    "data-mul": lambda p: p.data.mul_(1.5),
+    "data-assign": lambda p: setattr(p, "data", p.data * 1.5),
+    "no-grad-copy": lambda p: p.copy_(p * 1.5),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_position_bias_cache_follows_the_weights(edit):
+    """However the weights change, inference afterwards equals a fresh model with those weights."""
+    model = _model()
+    x = _x()
+    with torch.no_grad():
+        before = model(x)  # fills the bias caches
+        for block in model.layers[0].blocks:
+            EDITS[edit](block.attn.cpb_mlp[2].weight)
+        after = model(x)
+        fresh = copy.deepcopy(model)
+        for module in fresh.modules():
+            if hasattr(module, "_bias_cache"):
+                module._bias_cache.clear()
+        expected = fresh(x)
+    assert rel_err(after, expected) < 1e-6
+    assert rel_err(before, expected) > 1e-3  # the edit matters
+
+
+def test_load_state_dict_and_table_bias_are_followed():
+    model = _model(position_bias="table")
+    other = _model(position_bias="table")
+    randomize_(other, seed=9)
+    x = _x()
+    with torch.no_grad():
+        model(x)
+        model.load_state_dict(other.state_dict())
+        assert rel_err(model(x), other(x)) < 1e-6
+
+
+def test_bias_is_reused_while_the_weights_stay():
+    model = _model()
+    attn = model.layers[0].blocks[0].attn
+    calls = []
+    original = attn._relative_bias
+    attn._relative_bias = lambda window: calls.append(window) or original(window)
+    with torch.no_grad():
+        model(_x())
+        model(_x(seed=2))
+    assert len(calls) == 1
+    model.train()
+    model(_x())  # with gradients the bias is part of the graph: computed every call
+    assert len(calls) == 2
+
+
+def test_cache_is_kept_per_autocast_dtype():
+    model = _model()
+    x = _x()
+    with torch.no_grad():
+        fp32 = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+        assert torch.equal(model(x), fp32)
