@@ -34,9 +34,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .hub import give_default_mode
 from .layers import to_2tuple
 from .loading import CheckpointError, StateDictMismatchError, load_pretrained, read_state_dict
 from .model import SwinTransformerV2
+from .model_config import check_model_config, check_weights_fit
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -131,10 +133,18 @@ def _read_shards(index_path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+# config.json's names for the constructor arguments it sets, for the messages of check_model_config.
+_HF_NAMES = dict(
+    img_size="image_size", in_chans="num_channels", drop_rate="hidden_dropout_prob",
+    attn_drop_rate="attention_probs_dropout_prob", num_classes="id2label/num_labels",
+)
+
+
 def model_kwargs_from_hf(config: Mapping, source: str = "config.json") -> dict:
     """SwinTransformerV2 constructor arguments for a ``Swinv2Config`` (as a dict). The class
     count is ``len(id2label)`` for ``Swinv2ForImageClassification``, else 0 (no head).
-    :class:`CheckpointError` for what swinv2 cannot build the same way."""
+    :class:`CheckpointError` for what swinv2 cannot build the same way, and (naming the field)
+    for a value of the wrong type or out of range (see :mod:`swinv2.model_config`)."""
     c = {**HF_DEFAULTS, **config}
     if c["hidden_act"] != "gelu":
         raise CheckpointError(f"{source}: hidden_act {c['hidden_act']!r}; swinv2's MLP uses 'gelu' only")
@@ -143,20 +153,29 @@ def model_kwargs_from_hf(config: Mapping, source: str = "config.json") -> dict:
         # a class token) and adds it unchanged, so such a model does not run as configured.
         raise CheckpointError(f"{source}: use_absolute_embeddings is not supported (transformers' embedding "
                               "has one position more than there are patches)")
-    depths = [int(d) for d in c["depths"]]
-    pretrained = list(c["pretrained_window_sizes"])
-    if len(pretrained) != len(depths) and not any(pretrained):
+    eps = c["layer_norm_eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise CheckpointError(f"{source}: layer_norm_eps must be a number in (0, 1), got {eps!r}")
+    depths, pretrained = c["depths"], c["pretrained_window_sizes"]
+    if isinstance(depths, list) and isinstance(pretrained, list) and len(pretrained) != len(depths) \
+            and not any(pretrained):
         pretrained = [0] * len(depths)
     num_classes = 0
     if CLASSIFIER in (config.get("architectures") or []):
-        num_classes = len(config.get("id2label") or {}) or int(config.get("num_labels", 2))
-    return dict(
-        img_size=_size(c["image_size"]), patch_size=_size(c["patch_size"]), in_chans=int(c["num_channels"]),
-        num_classes=num_classes, embed_dim=int(c["embed_dim"]), depths=depths,
-        num_heads=[int(h) for h in c["num_heads"]], window_size=int(c["window_size"]),
-        mlp_ratio=float(c["mlp_ratio"]), qkv_bias=bool(c["qkv_bias"]), drop_rate=float(c["hidden_dropout_prob"]),
-        attn_drop_rate=float(c["attention_probs_dropout_prob"]), drop_path_rate=float(c["drop_path_rate"]),
+        num_classes = len(config.get("id2label") or {}) or config.get("num_labels", 2)
+    kwargs = dict(
+        img_size=c["image_size"], patch_size=c["patch_size"], in_chans=c["num_channels"], num_classes=num_classes,
+        embed_dim=c["embed_dim"], depths=depths, num_heads=c["num_heads"], window_size=c["window_size"],
+        mlp_ratio=c["mlp_ratio"], qkv_bias=c["qkv_bias"], drop_rate=c["hidden_dropout_prob"],
+        attn_drop_rate=c["attention_probs_dropout_prob"], drop_path_rate=c["drop_path_rate"],
         pretrained_window_sizes=pretrained,
+    )
+    check_model_config(kwargs, source, names=_HF_NAMES)  # types and ranges, before any conversion
+    return dict(
+        kwargs, img_size=_size(kwargs["img_size"]), patch_size=_size(kwargs["patch_size"]),
+        depths=list(depths), num_heads=list(kwargs["num_heads"]), mlp_ratio=float(kwargs["mlp_ratio"]),
+        drop_rate=float(kwargs["drop_rate"]), attn_drop_rate=float(kwargs["attn_drop_rate"]),
+        drop_path_rate=float(kwargs["drop_path_rate"]), pretrained_window_sizes=list(pretrained),
     )
 
 
@@ -191,12 +210,13 @@ def hf_stage_windows(config: Mapping) -> list[tuple[int, int]]:
     return out
 
 
-def config_differences(model: SwinTransformerV2, config: Mapping) -> list[str]:
-    """The settings of ``config`` that shape the outputs but not the weights (image size,
-    window, pretrained windows) where ``model`` was built otherwise, one line each."""
+def config_differences(model: SwinTransformerV2, config: Mapping, source: str = CONFIG_NAME) -> list[str]:
+    """The settings of ``config`` (read from ``source``) that shape the outputs but not the
+    weights (image size, window, pretrained windows) where ``model`` was built otherwise, one
+    line each."""
     if not isinstance(getattr(model, "config", None), Mapping):
         return []
-    theirs = model_kwargs_from_hf(config)
+    theirs = model_kwargs_from_hf(config, source)
     out = []
     for hf_name, ours in (("image_size", "img_size"), ("window_size", "window_size")):
         if to_2tuple(theirs[ours]) != to_2tuple(model.config[ours]):
@@ -227,6 +247,7 @@ def load_hf_folder(
     kwargs = model_kwargs_from_hf(config, source=os.fspath(folder / CONFIG_NAME))
     head = state.get("classifier.weight")
     kwargs["num_classes"] = int(head.shape[0]) if head is not None else 0
+    check_weights_fit(kwargs, state, os.fspath(folder))
     eps = float(config.get("layer_norm_eps", HF_DEFAULTS["layer_norm_eps"]))
     if eps != _FIXED_EPS:
         kwargs["norm_layer"] = functools.partial(nn.LayerNorm, eps=eps)
@@ -248,7 +269,8 @@ def load_hf_folder(
     if not {"img_size", "window_size", "window_rule", "patch_size"} & set(overrides):
         _warn_window_mismatch(model, config, folder)
     try:
-        load_pretrained(model, state, strict=True, fmt="hf", head="drop" if drop_head else "keep")
+        load_pretrained(model, state, strict=True, fmt="hf", head="drop" if drop_head else "keep",
+                        name=os.fspath(folder))
     except StateDictMismatchError as err:
         raise StateDictMismatchError(f"{folder}: {err}") from err
     return model
@@ -377,6 +399,7 @@ def save_hf_folder(
         tmp.mkdir()
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(state, os.fspath(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        give_default_mode(tmp / SAFETENSORS_NAME)
         for name in (CONFIG_NAME, SAFETENSORS_NAME):  # on disk before the rename makes them visible
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())

@@ -26,8 +26,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .loading import CheckpointError, StateDictMismatchError, load_pretrained
+from .loading import (
+    CheckpointError,
+    StateDictMismatchError,
+    check_safetensors_length,
+    load_pretrained,
+    read_checkpoint,
+    read_state_dict,
+    safetensors_error,
+    unwrap_state_dict,
+)
 from .model import SwinTransformerV2
+from .model_config import check_model_config, check_weights_fit
 
 # -- swinv2's file format -------------------------------------------------------------------
 
@@ -50,6 +60,28 @@ def _library_version() -> str:
 def _temp_path(path: Path) -> Path:
     """A unique temporary name next to ``path``, so that os.replace onto it is atomic."""
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask can only set it, which would
+    race with other threads creating files); set-and-restore where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_default_mode(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode that ``open(path, "w")`` creates files with (0o666 less the
+    umask). Writers that go through a private temporary file (safetensors creates its own
+    with 0o600) call this before renaming the file into place."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def _remove_quietly(path: Path) -> None:
@@ -102,6 +134,7 @@ def save_pretrained(
     tmp = _temp_path(path)
     try:
         save_file(tensors, os.fspath(tmp), metadata=meta)
+        give_default_mode(tmp)
         with open(tmp, "rb") as f:  # on disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -122,14 +155,12 @@ def _safetensors_metadata(path: Path) -> tuple[dict[str, str], int]:
     """The metadata of a safetensors file and its tensor count; CheckpointError if unreadable."""
     from safetensors import safe_open
 
+    check_safetensors_length(path)
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
             return dict(f.metadata() or {}), len(list(f.keys()))
     except Exception as err:  # noqa: BLE001 - every reader failure becomes one clear message
-        raise CheckpointError(
-            f"cannot read {path}: it starts like a safetensors file but is truncated or corrupted "
-            f"({type(err).__name__}: {err})"
-        ) from err
+        raise safetensors_error(path, err) from err
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str] | None:
@@ -137,8 +168,12 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str] | None:
     other file (a torch pickle, a plain safetensors state dict). Raises CheckpointError for a
     safetensors file that is truncated or corrupted, FileNotFoundError for a missing one."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise CheckpointError(f"{path} is not a regular file, so not a checkpoint")
     if not _is_safetensors(path):
         return None
     meta, _ = _safetensors_metadata(path)
@@ -193,16 +228,22 @@ def load_model(
     if meta is None:
         if _is_safetensors(path):
             _, count = _safetensors_metadata(path)
+            if not count:
+                raise CheckpointError(f"{path} holds no tensors")
             raise CheckpointError(
                 f"{path} is a safetensors file with {count} tensors but no swinv2 metadata (a bare state dict, "
                 "e.g. a timm or official export), so it does not say which architecture it is: load it into one "
                 f"with swinv2.create_model(name, pretrained={os.fspath(path)!r})"
             )
+        read_state_dict(path)  # a file that is no checkpoint, or holds no tensors, gets its own message
         raise CheckpointError(
             f"{path} is not a swinv2 safetensors file (an official or timm .pth checkpoint?): load it into an "
             f"architecture with swinv2.create_model(name, pretrained={os.fspath(path)!r})"
         )
     config = _config_from_metadata(path, meta)
+    check_model_config(config, os.fspath(path))  # before anything is built or read
+    state = _read_tensors(path)
+    check_weights_fit(config, state, os.fspath(path))
     kwargs = {**config, **overrides}
     try:
         if device is not None:
@@ -214,7 +255,6 @@ def load_model(
         source = "the config stored in" if not overrides else "the config stored in (with your overrides)"
         raise CheckpointError(f"{source} {path} cannot build a SwinTransformerV2: {err}") from err
 
-    state = _read_tensors(path)
     floating = {t.dtype for t in state.values() if t.is_floating_point()}
     if dtype is None and len(floating) == 1:
         dtype = floating.pop()
@@ -226,12 +266,7 @@ def load_model(
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(os.fspath(path), device="cpu")
-    except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"cannot read the tensors of {path}: {type(err).__name__}: {err}") from err
+    return unwrap_state_dict(read_checkpoint(path), source=os.fspath(path))
 
 
 def load_state(
@@ -240,7 +275,7 @@ def load_state(
     """Load ``state`` strictly, naming ``source`` on failure. ``drop_head``: the checkpoint's
     classifier is left out (the model has another number of classes) and the model keeps its own."""
     try:
-        load_pretrained(model, dict(state), strict=True, head="drop" if drop_head else "keep")
+        load_pretrained(model, dict(state), strict=True, head="drop" if drop_head else "keep", name=source)
     except StateDictMismatchError as err:
         raise StateDictMismatchError(f"{source}: {err}") from err
 

@@ -8,6 +8,7 @@ mmpretrain) is detected and converted to the official one first.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -26,15 +27,24 @@ __all__ = [
     "HEAD_MODES",
     "CheckpointError",
     "LoadReport",
+    "NonFiniteWeightsWarning",
     "StateDictMismatchError",
+    "UnsafeCheckpointError",
     "load_pretrained",
+    "nonfinite_tensors",
+    "read_checkpoint",
     "read_state_dict",
     "unwrap_state_dict",
+    "warn_nonfinite",
 ]
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read, or whose contents are not a state dict."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that refers to Python objects other than tensors: refused, never unpickled."""
 
 
 class StateDictMismatchError(ValueError):
@@ -49,7 +59,8 @@ class LoadReport:
     what its conversion did, and other remarks; ``dropped``: the derived buffers left out;
     ``discarded``: checkpoint tensors left out on purpose (a SimMIM decoder and mask token, a
     head that does not fit under ``head="auto"``); ``head``: what happened to the classifier
-    when anything but a plain load.
+    when anything but a plain load; ``nonfinite``: the loaded tensors that hold NaN or
+    infinite values (loaded as they are, and warned about).
     """
 
     source: str
@@ -62,6 +73,7 @@ class LoadReport:
     format: str = ""
     discarded: list[str] = field(default_factory=list)
     head: str = ""
+    nonfinite: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -70,6 +82,8 @@ class LoadReport:
     def __str__(self) -> str:
         fmt = f" ({self.format} layout)" if self.format else ""
         lines = [f"loaded {len(self.loaded)} tensors from {self.source}{fmt}"]
+        if self.nonfinite:
+            lines.append(f"warning: {nonfinite_summary(self.nonfinite)}")
         if self.dropped:
             lines.append(f"dropped {len(self.dropped)} derived buffers ({', '.join(DERIVED_BUFFERS)})")
         lines += _name_list("checkpoint tensors not loaded on purpose", self.discarded)
@@ -85,6 +99,31 @@ class LoadReport:
         return "\n".join(lines)
 
 
+class NonFiniteWeightsWarning(UserWarning):
+    """Weights that hold NaN or infinite values: a model loaded from them computes NaN."""
+
+
+def nonfinite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors of ``state`` that hold a NaN or an infinity."""
+    return sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+
+
+def nonfinite_summary(names: Sequence[str], limit: int = 5) -> str:
+    """One line naming the first ``limit`` of ``names`` (tensors with NaN or inf) and their count."""
+    shown = ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+    verb = "tensor holds" if len(names) == 1 else "tensors hold"
+    return f"{len(names)} {verb} NaN or infinite values: {shown}"
+
+
+def warn_nonfinite(state: Mapping[str, torch.Tensor], source: str, stacklevel: int = 2) -> list[str]:
+    """Warn once (:class:`NonFiniteWeightsWarning`, naming ``source``) when tensors of ``state``
+    hold NaN or infinite values; returns their names."""
+    names = nonfinite_tensors(state)
+    if names:
+        warnings.warn(f"{source}: {nonfinite_summary(names)}", NonFiniteWeightsWarning, stacklevel=stacklevel + 1)
+    return names
+
+
 def _name_list(title: str, names: list[str], limit: int = 20) -> list[str]:
     if not names:
         return []
@@ -95,31 +134,214 @@ def _name_list(title: str, names: list[str], limit: int = 20) -> list[str]:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file (safetensors, or a torch pickle read with weights_only), or
-    of a Hugging Face model folder (see :mod:`swinv2.hf_folder`)."""
+    """Tensors of a checkpoint file (safetensors, or a torch file read with weights_only; see
+    :func:`read_checkpoint`), or of a Hugging Face model folder (see :mod:`swinv2.hf_folder`)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         from .hf_folder import read_hf_weights  # imported here: hf_folder uses this module
 
         return read_hf_weights(path)
-    if not os.path.isfile(path):
+    return unwrap_state_dict(read_checkpoint(path), source=path)
+
+
+# What a file starts with: safetensors (an 8-byte little-endian header length, then the JSON
+# header), a zip archive (torch.save since 1.6), or a pickle (torch.save's older format).
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_PICKLE_PROTO = 0x80
+# How much pickle data is scanned to name the Python objects of a refused file.
+_SCAN_LIMIT = 64 << 20
+
+
+def read_checkpoint(path: str | os.PathLike):
+    """The content of a checkpoint file, read without running code from it: a safetensors
+    file gives its dict of tensors, a torch file what ``torch.load(weights_only=True)`` gives
+    (tensors in plain containers, numbers, strings).
+
+    Every file that cannot be read gets one line naming it: missing (FileNotFoundError), a
+    folder, empty, neither safetensors nor a torch file, truncated or damaged
+    (:class:`CheckpointError`); a pickle naming Python objects other than tensors is refused
+    (:class:`UnsafeCheckpointError`) without unpickling them.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not os.path.isfile(path):  # a FIFO or a device would block or never end
+        raise CheckpointError(f"{path} is not a regular file, so not a checkpoint")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes), not a checkpoint")
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
+    if _is_safetensors_head(head):
+        return _read_safetensors(path)
+    if head.startswith(_ZIP_MAGIC) or head[:1] == bytes([_PICKLE_PROTO]):
+        return _read_torch(path, zipped=head.startswith(_ZIP_MAGIC))
+    raise CheckpointError(f"{path} is not a readable checkpoint (neither safetensors nor a PyTorch file)")
+
+
+def _is_safetensors_head(head: bytes) -> bool:
+    # safetensors refuses headers of 100 MB or more, so a larger length is not one
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def check_safetensors_length(path: str | os.PathLike) -> None:
+    """CheckpointError when a file that starts like safetensors is shorter than the header it
+    announces (cut while it was written or copied)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+    if 8 + header_len > size:
+        raise CheckpointError(
+            f"{os.fspath(path)} is a truncated safetensors file: its header announces {header_len} bytes, "
+            f"the file has {size}"
+        )
+
+
+def safetensors_error(path: str | os.PathLike, err: Exception) -> CheckpointError:
+    """The one-line error for a safetensors file that safetensors cannot read."""
+    reason = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return CheckpointError(f"{os.fspath(path)} is a truncated or damaged safetensors file ({type(err).__name__}: "
+                           f"{reason})")
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    check_safetensors_length(path)
     try:
-        if path.endswith(".safetensors") or _looks_like_safetensors(head):
-            from safetensors.torch import load_file
-
-            return load_file(path, device="cpu")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return load_file(path, device="cpu")
     except Exception as err:  # noqa: BLE001 - every reader failure becomes one clear message
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
-    return unwrap_state_dict(obj, source=path)
+        raise safetensors_error(path, err) from err
 
 
-def _looks_like_safetensors(head: bytes) -> bool:
-    # safetensors files start with the little-endian length of a JSON header, then '{'.
-    return len(head) == 8 and int.from_bytes(head, "little") < 100_000_000 and not head.startswith(b"PK")
+def _read_torch(path: str, zipped: bool):
+    import pickle
+    import zipfile
+
+    if zipped and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is a truncated or damaged PyTorch file (its zip directory is missing)")
+    if zipped and _zip_pickle_name(path) is None:
+        raise CheckpointError(f"{path} is a zip archive but not a PyTorch file (it has no data.pkl)")
+    try:
+        with warnings.catch_warnings():  # torch's remark on an unusual pickle protocol, before our own error
+            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every reader failure becomes one clear message
+        objects = _foreign_objects(path, zipped)
+        # torch names a refused global "GLOBAL module.name" in every release that has weights_only
+        if objects or (isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err)):
+            named = f" ({', '.join(objects[:3])}{', ...' if len(objects) > 3 else ''})" if objects else ""
+            raise UnsafeCheckpointError(
+                f"refused to load {path}: it contains Python objects other than tensors{named}; "
+                "only safetensors files and plain tensor files are read"
+            ) from None
+        if isinstance(err, pickle.UnpicklingError):
+            reason = "its pickle is damaged or was not written by torch.save"
+        else:
+            reason = _one_line(err)
+        raise CheckpointError(f"{path} is a truncated or damaged PyTorch file ({reason})") from err
+
+
+def _one_line(err: BaseException) -> str:
+    """The first line of an exception's message, without advice to load with weights_only=False."""
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    if "weights_only" in text:
+        text = "torch.load refused it"
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _foreign_objects(path: str, zipped: bool) -> list[str]:
+    """The Python objects (``module.name``) a torch file's pickle refers to beyond what
+    ``torch.load(weights_only=True)`` accepts, found by reading its opcodes (nothing is run);
+    [] when there are none or the pickle cannot be parsed."""
+    import zipfile
+
+    try:
+        if zipped:
+            name = _zip_pickle_name(path)
+            if name is None:
+                return []
+            with zipfile.ZipFile(path) as archive, archive.open(name) as f:
+                data = f.read(_SCAN_LIMIT)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(_SCAN_LIMIT)
+    except (OSError, zipfile.BadZipFile, RuntimeError, ValueError):
+        return []
+    allowed = _tensor_globals()
+    return sorted({name for name in _pickle_globals(data) if name not in allowed})
+
+
+def _zip_pickle_name(path: str) -> str | None:
+    """The member of a torch zip archive that holds its pickle (``<name>/data.pkl``), or None."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+
+
+def _tensor_globals() -> set[str]:
+    """The ``module.name`` globals ``torch.load(weights_only=True)`` accepts."""
+    try:
+        from torch import _weights_only_unpickler
+
+        allowed = set(_weights_only_unpickler._get_allowed_globals())
+    except (ImportError, AttributeError):  # a torch without that helper: the few names every tensor file uses
+        allowed = set()
+    safe = getattr(torch.serialization, "get_safe_globals", lambda: [])()
+    allowed |= {f"{g.__module__}.{g.__qualname__}" if callable(g) else str(g) for g in safe if not isinstance(g, tuple)}
+    return allowed or {"collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch.FloatStorage"}
+
+
+def _pickle_globals(data: bytes) -> set[str]:
+    """``module.name`` of each global a pickle stream refers to (GLOBAL, INST, STACK_GLOBAL),
+    read with :mod:`pickletools` (which parses, never executes). A legacy torch file holds
+    several pickles one after the other; each is read."""
+    import io
+    import pickletools
+
+    found: set[str] = set()
+    stream = io.BytesIO(data)
+    for _ in range(5):  # legacy files: magic number, protocol, system info, the object, storage keys
+        pushed: list = []  # recent stack pushes: strings, or None for anything else
+        memo: dict = {}
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST"):
+                    found.add(_python3_name(*str(arg).split(" ", 1)))
+                elif op.name == "STACK_GLOBAL":
+                    if len(pushed) >= 2 and isinstance(pushed[-2], str) and isinstance(pushed[-1], str):
+                        found.add(_python3_name(pushed[-2], pushed[-1]))
+                    else:
+                        found.add("an unnamed global")
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = pushed[-1] if pushed else None
+                elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[arg] = pushed[-1] if pushed else None
+                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                    pushed.append(memo.get(arg))
+                elif op.name == "STOP":
+                    break
+                else:
+                    is_text = isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name)
+                    pushed.append(arg if is_text else None)
+                del pushed[:-2]
+        except (ValueError, EOFError, UnicodeDecodeError):
+            break
+        if stream.tell() >= len(data):
+            break
+    return found
+
+
+def _python3_name(module: str, name: str = "") -> str:
+    # protocol 0-2 pickles name Python 2 modules, which unpickling maps to their Python 3 names
+    module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)
+    return f"{module}.{name}"
 
 
 def unwrap_state_dict(obj, source: str = "state dict") -> dict[str, torch.Tensor]:
@@ -128,8 +350,10 @@ def unwrap_state_dict(obj, source: str = "state dict") -> dict[str, torch.Tensor
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
             break
-    if not isinstance(obj, Mapping) or not obj:
-        raise CheckpointError(f"{source} holds no state dict (got {type(obj).__name__})")
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source} holds no state dict (got {type(obj).__name__}, not a mapping of tensors)")
+    if not obj:
+        raise CheckpointError(f"{source} holds no tensors")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{source}: entries that are not tensors: {bad[:5]}")
@@ -144,6 +368,7 @@ def load_pretrained(
     fmt: str | None = None,
     head: str = "keep",
     head_map: Sequence[int] | torch.Tensor | str | os.PathLike | None = None,
+    name: str | None = None,
 ) -> LoadReport:
     """Load a state dict (a file, a Hugging Face model folder, or a mapping; bare or wrapped in
     {'model': ...}) into ``model`` and return a :class:`LoadReport`.
@@ -170,6 +395,11 @@ def load_pretrained(
     With ``strict=True`` any other missing, unexpected or mis-shaped key raises
     :class:`StateDictMismatchError` naming them, and the model is left untouched. With
     ``strict=False`` the matching tensors are loaded and the rest reported.
+
+    Tensors holding NaN or infinite values are loaded as they are, listed in the report's
+    ``nonfinite`` and warned about once (:class:`NonFiniteWeightsWarning`). ``name``: what the
+    report and the warning call a mapping ``source`` (default "state dict"), e.g. the file
+    it was read from.
     """
     from .simmim import SimMIM  # imported here: simmim.py uses this module
 
@@ -180,7 +410,7 @@ def load_pretrained(
     if head_map is not None and head == "drop":
         raise ValueError("head_map selects rows of a head that head='drop' would not load")
     if isinstance(source, Mapping):
-        name, state = "state dict", unwrap_state_dict(source)
+        name, state = name or "state dict", unwrap_state_dict(source, source=name or "state dict")
     else:
         name, state = os.fspath(source), read_state_dict(source)
 
@@ -191,9 +421,9 @@ def load_pretrained(
     state, notes = to_official(state, report_format)
     report = LoadReport(source=name, format=report_format, notes=list(notes))
     if not isinstance(source, Mapping) and os.path.isdir(name):
-        from .hf_folder import config_differences, read_hf_config
+        from .hf_folder import CONFIG_NAME, config_differences, read_hf_config
 
-        report.notes += config_differences(model, read_hf_config(name))
+        report.notes += config_differences(model, read_hf_config(name), os.path.join(name, CONFIG_NAME))
     report.discarded += getattr(notes, "dropped", [])
     for key in list(state):
         if key.rsplit(".", 1)[-1] in DERIVED_BUFFERS:
@@ -219,6 +449,7 @@ def load_pretrained(
         raise StateDictMismatchError(f"state dict does not fit the model\n{report}{hint}")
     bad = {k for k, _, _ in report.mismatched}
     loadable = {k: v for k, v in state.items() if k in own and k not in bad}
+    report.nonfinite = warn_nonfinite(loadable, name)
     model.load_state_dict(loadable, strict=False)
     report.loaded = sorted(loadable)
     return report

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import hub
-from .loading import CheckpointError, load_pretrained, read_state_dict
+from .loading import CheckpointError, load_pretrained, read_state_dict, unwrap_state_dict
 from .model import SwinTransformerV2
+from .model_config import check_model_config, check_weights_fit
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ def create_model(
         return model
     if variant is None:
         if isinstance(pretrained, (str, os.PathLike)):
+            read_state_dict(pretrained)  # a file that is no checkpoint at all gets its own message
             raise ValueError(
                 f"{os.fspath(pretrained)} is not a file written by swinv2.hub.save_pretrained (nor a Hugging "
                 "Face folder), so it does not say which architecture it is: create_model needs a model name "
@@ -190,8 +192,7 @@ def create_model(
         try:
             state = read_state_dict(path)
         except CheckpointError as err:
-            hint = f"(the cached download {path} may be damaged: delete it to fetch it again)"
-            raise CheckpointError(f"{err}\n{hint}") from err
+            raise CheckpointError(f"{err} (the cached download may be damaged: delete it to fetch it again)") from err
         drop_head = kwargs["num_classes"] != weights.num_classes
         hub.load_state(model, state, source=f"{weights.name} ({path})", drop_head=drop_head)
     elif pretrained is not False and pretrained is not None:
@@ -216,9 +217,13 @@ def _from_training_checkpoint(path, device, overrides: dict) -> SwinTransformerV
     from .train.checkpoint import load_checkpoint
 
     state = load_checkpoint(path)
-    config = dict(state.get("model_config") or {})
+    config = state.get("model_config")
     if not config:
         raise CheckpointError(f"{os.fspath(path)} has no model config, so the model cannot be rebuilt")
+    check_model_config(config, os.fspath(path))  # before anything is built
+    weights = unwrap_state_dict(state.get("model"), source=os.fspath(path))
+    check_weights_fit(config, weights, os.fspath(path))
+    config = dict(config)
     kwargs = {**config, **overrides}
     if device is not None:
         with torch.device(device):
@@ -226,7 +231,7 @@ def _from_training_checkpoint(path, device, overrides: dict) -> SwinTransformerV
     else:
         model = SwinTransformerV2(**kwargs)
     head = "auto" if kwargs.get("num_classes") != config.get("num_classes") else "keep"
-    load_pretrained(model, state["model"], head=head, strict=True)  # SimMIM wrappers are detected
+    load_pretrained(model, weights, head=head, strict=True, name=os.fspath(path))  # SimMIM wrappers are detected
     return model
 
 

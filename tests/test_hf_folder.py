@@ -236,7 +236,8 @@ def test_not_an_hf_folder_is_a_clear_error(hf_folder, tmp_path):
     shutil.copytree(hf_folder, truncated)
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(swinv2.CheckpointError, match="cannot read checkpoint .*truncated/model.safetensors"):
+    with pytest.raises(swinv2.CheckpointError,
+                       match="truncated/model.safetensors is a truncated or damaged safetensors file"):
         swinv2.create_model(pretrained=truncated)
 
     empty = tmp_path / "weightless"
@@ -281,3 +282,16 @@ def test_writing_a_model_transformers_would_window_differently_warns(tmp_path):
     with pytest.warns(UserWarning, match="at \\(32, 48\\) they differ"):
         save_hf_folder(ours, tmp_path / "wide")
     assert json.loads((tmp_path / "wide" / "config.json").read_text())["image_size"] == [32, 48]
+
+
+def test_written_folder_files_get_the_mode_open_would_give(tmp_path):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        model = swinv2.create_model("swinv2_debug", img_size=32, window_size=4, num_classes=3)
+        folder = save_hf_folder(model, tmp_path / "hf")
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {"config.json": 0o640,
+                                                                          "model.safetensors": 0o640}
