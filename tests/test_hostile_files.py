@@ -206,7 +206,7 @@ def _hf_folder(model, folder, change: dict):
 CONFIG_ENTRIES = {
     "swinv2": (_swinv2_file, ["create_model", "create_model_unnamed", "load_model", "predict", "eval", "convert",
                               "export"]),
-    "training": (_training_file, ["create_model", "create_model_unnamed", "predict", "eval", "export"]),
+    "training": (_training_file, ["create_model", "create_model_unnamed", "predict", "eval", "export", "finetune"]),
     "hf": (_hf_folder, ["create_model", "create_model_unnamed", "load_pretrained", "predict", "eval", "convert"]),
 }
 CONFIG_CASES = [(source, entry) for source, (_, entries) in CONFIG_ENTRIES.items() for entry in entries]

@@ -101,9 +101,11 @@ def checkpoint_windows(path: str) -> list[int] | None:
             state = None
         if state is not None and state.get("model_config"):
             from ..model import SwinTransformerV2
+            from ..model_config import check_model_config
 
+            config = check_model_config(state["model_config"], path)  # before anything is built
             with torch.device("meta"):
-                model = SwinTransformerV2(**state["model_config"])
+                model = SwinTransformerV2(**config)
             size = state["config"].get("img_size") or model.img_size
             return [w[0] for w, _ in model.stage_windows(size)]
     state = _finetune_source(path)
