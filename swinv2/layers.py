@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import operator
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 import torch
@@ -88,11 +87,17 @@ class BoundedCache:
 
     def __init__(self, entries: int = 8, max_bytes: int = 64 * 2**20):
         self.entries, self.max_bytes = entries, max_bytes
-        self._items: OrderedDict = OrderedDict()
+        # a plain dict, in use order (re-inserted on every hit): torch.compile traces its
+        # operations on every supported release, where OrderedDict.move_to_end is not
+        self._items: dict = {}
         self._sizes: dict = {}
 
     def get(self, key: Hashable, build: Callable[[], object]):
-        """The value kept for ``key``, or ``build()``'s, kept if it fits."""
+        """The value kept for ``key``, or ``build()``'s, kept if it fits. While a graph is
+        captured (torch.compile, torch.export, tracing) the cache is left alone: values built
+        there are the tracer's placeholders, not tensors, and the graph computes its own."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return build()
         value = self.lookup(key, _MISSING)
         if value is _MISSING:
             # usable later by training, whoever fills it (inference_mode(False) alone would turn
@@ -106,8 +111,9 @@ class BoundedCache:
         """The value kept for ``key`` (now the most recently used), or ``default``."""
         if key not in self._items:
             return default
-        self._items.move_to_end(key)
-        return self._items[key]
+        value = self._items.pop(key)
+        self._items[key] = value
+        return value
 
     def put(self, key: Hashable, value) -> None:
         """Keep ``value`` for ``key`` unless it is larger than the whole budget; drop the
@@ -119,8 +125,8 @@ class BoundedCache:
             return
         self._items[key], self._sizes[key] = value, size
         while len(self._items) > self.entries or self.nbytes > self.max_bytes:
-            old, _ = self._items.popitem(last=False)
-            del self._sizes[old]
+            old = next(iter(self._items))
+            del self._items[old], self._sizes[old]
 
     @property
     def nbytes(self) -> int:
