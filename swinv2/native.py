@@ -14,7 +14,13 @@ concurrent processes never load a half-written library, and loaded with :mod:`ct
 Before first use it is checked against ``F.scaled_dot_product_attention`` on random inputs.
 Nothing here is required: without an x86-64 CPU with AVX-512 (F and DQ), a compiler, or when
 ``SWINV2_NATIVE=0``, :func:`available` is False and the model uses PyTorch's kernels;
-:func:`status` says why.
+:func:`status` says why. Whatever goes wrong while building, loading or checking it (a broken
+compiler, a damaged cached library, a failed self-test) turns it off for the rest of the
+process, with the reason, and is not tried again on every call; :func:`rebuild` tries again.
+
+Every call into the library goes through the same input checks (:func:`_check_raw`): the C
+code trusts the shapes, dtypes and strides it is given, so a tensor it would misread is
+refused in Python before any pointer is handed over.
 """
 
 from __future__ import annotations
@@ -106,15 +112,18 @@ DTYPES = {torch.float32: 1e-5, torch.bfloat16: 4e-3}
 
 def _self_test(fn) -> str | None:
     """None when the kernel matches scaled_dot_product_attention in float64 on random inputs,
-    as given and as cosine attention, in float32 and in bfloat16."""
-    g = torch.Generator().manual_seed(0)
+    as given and as cosine attention, in float32 and in bfloat16. Every tensor has its dtype
+    and device spelled out: the first call may come under ``torch.set_default_dtype`` or a
+    default device, and the kernel reads its bias and scales as float32 CPU memory."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    f32 = dict(generator=g, dtype=torch.float32, device="cpu")
     for dtype, tol in DTYPES.items():
         for B, H, N, nb, cosine in ((6, 3, 64, 3, False), (4, 2, 49, 1, False), (2, 2, 81, 2, False),
                                     (6, 3, 64, 3, True), (2, 2, 81, 1, True)):
-            qkv = torch.randn(B, N, 3, H, HEAD_DIM, generator=g).to(dtype)
+            qkv = torch.randn(B, N, 3, H, HEAD_DIM, **f32).to(dtype)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            bias = torch.randn(nb, H, N, N, generator=g) * 4
-            scale = torch.rand(H, generator=g) * 99 + 1 if cosine else None
+            bias = torch.randn(nb, H, N, N, **f32) * 4
+            scale = torch.rand(H, **f32) * 99 + 1 if cosine else None
             q64, k64 = q.double(), k.double()
             if cosine:
                 q64 = F.normalize(q64, dim=-1) * scale.double().view(H, 1, 1)
@@ -141,9 +150,13 @@ def _call(fn, q, k, v, bias, scale=None, eps: float = NORM_EPS) -> torch.Tensor 
 
 
 def _call_raw(fn, q, k, v, bias, scale=None, eps: float = NORM_EPS) -> torch.Tensor | None:
-    """:func:`_call`'s output as the kernel writes it, a contiguous (B, N, H, 32) tensor."""
+    """:func:`_call`'s output as the kernel writes it, a contiguous (B, N, H, 32) CPU tensor.
+    The only place the library is called: the inputs are checked first (ValueError)."""
+    _check_raw(q, k, v, bias, scale)
     B, H, N, _ = q.shape
-    out = torch.empty(B, N, H, HEAD_DIM, dtype=q.dtype)
+    out = torch.empty(B, N, H, HEAD_DIM, dtype=q.dtype, device="cpu")
+    if out.numel() == 0:
+        return out
     strides = (ctypes.c_int64 * 12)(
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], out.stride(0), out.stride(2), out.stride(1)
     )
@@ -154,36 +167,66 @@ def _call_raw(fn, q, k, v, bias, scale=None, eps: float = NORM_EPS) -> torch.Ten
     return None if status else out
 
 
-def _init() -> None:
+def _describe(err: BaseException) -> str:
+    """An exception in a few words: swinv2's own RuntimeErrors by their message, others with
+    their type (an OSError from ctypes, a compiler's TimeoutExpired, a bug)."""
+    text = " ".join(str(err).split())  # one line, as status() promises
+    if type(err) is RuntimeError and text:
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _init(force: bool = False) -> dict:
+    """Build (again when ``force``), load and check the kernel: the outcome for ``_state``,
+    the function or None and why (and the library's path once loaded). Any Exception is an
+    outcome, kept so that it is not met again on every call; KeyboardInterrupt and SystemExit
+    pass through."""
     if os.environ.get("SWINV2_NATIVE", "1").strip().lower() in ("0", "false", "off", "no"):
-        _state.update(fn=None, why="turned off by SWINV2_NATIVE")
-        return
-    why = _cpu_supported()
-    cc = _compiler() if why is None else None
-    if why is None and cc is None:
-        why = "no C compiler found (set CC)"
-    fn = None
+        return dict(fn=None, why="turned off by SWINV2_NATIVE")
+    fn, why, outcome = None, None, {}
+    try:
+        why = _cpu_supported()
+        cc = _compiler() if why is None else None
+        if why is None and cc is None:
+            why = "no C compiler found (set CC)"
+    except Exception as err:  # any failure leaves PyTorch's kernels in use
+        why = f"could not inspect this machine: {_describe(err)}"
     if why is None:
         try:
-            path = _build(cc)
+            path = _build(cc, force=force)
             try:
                 fn = _load(path)
             except OSError:  # a damaged cached library (say, cut short): build it again
                 path = _build(cc, force=True)
                 fn = _load(path)
+            outcome["path"] = str(path)
+        except Exception as err:
+            why = f"could not build or load it: {_describe(err)}"
+    if why is None:
+        try:
             why = _self_test(fn)
-            _state["path"] = str(path)
-        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as err:
-            why = f"could not build or load it: {err}"
-    _state.update(fn=None if why else fn, why=why)
+        except Exception as err:
+            why = f"its self-test failed: {_describe(err)}"
+    return dict(outcome, fn=None if why else fn, why=why)
 
 
 def _function():
     if "fn" not in _state:
         with _lock:
             if "fn" not in _state:
-                _init()
+                _state.update(_init())
     return _state["fn"]
+
+
+def rebuild() -> bool:
+    """Forget this process's outcome (a failure included), compile the kernel afresh, load and
+    check it again; whether it is available now. For after fixing what :func:`status` named
+    (a compiler, a cache folder): a failure is otherwise final for the process."""
+    with _lock:
+        outcome = _init(force=True)
+        _state.pop("path", None)
+        _state.update(outcome)  # replaced, never emptied: other threads may be reading it
+    return outcome["fn"] is not None
 
 
 def available() -> bool:
@@ -211,7 +254,7 @@ def recording() -> str | None:
     TorchScript records it (a graph for elsewhere: PyTorch's own operators only)."""
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
         return "export"
-    if getattr(torch.compiler, "is_exporting", lambda: False)():
+    if torch.compiler.is_exporting():  # torch >= 2.6, the package's floor
         return "export"
     if torch.compiler.is_compiling():
         return "compile"
@@ -255,7 +298,11 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
 
     With ``cosine_scale`` (nH values, one per head) this is SwinV2's cosine attention: q
     becomes ``F.normalize(q, eps=eps)`` times its head's scale and k ``F.normalize(k, eps=eps)``
-    inside the kernel, as they are read (no pass over q and k before it)."""
+    inside the kernel, as they are read (no pass over q and k before it).
+
+    NaN and infinities end where scaled_dot_product_attention puts them (a NaN score makes its
+    row NaN, a NaN or infinite v its output column), and a row whose scores are all -inf (fully
+    masked) gets weights 0, as there."""
     if bias is not None:
         bias = bias.to(torch.float32).contiguous()
     if cosine_scale is not None:
@@ -267,6 +314,9 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
 def _check(q, k, v, bias, scale) -> None:
     """The operator's inputs, as the kernel reads them; ValueError naming what is wrong (on
     real and on traced tensors alike, so a compiled graph fails where eager would)."""
+    given = [t for t in (q, k, v, bias, scale) if t is not None]
+    if any(t.layout != torch.strided for t in given):
+        raise ValueError(f"the inputs must be dense tensors, got layouts {[str(t.layout) for t in given]}")
     if q.dim() != 4 or q.shape[-1] != HEAD_DIM or any(t.shape != q.shape for t in (k, v)):
         raise ValueError(f"q, k and v must be (B_, nH, N, {HEAD_DIM}) of one shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -281,6 +331,19 @@ def _check(q, k, v, bias, scale) -> None:
     if scale is not None and (scale.numel() != H or scale.dtype != torch.float32 or scale.device.type != "cpu"):
         raise ValueError(f"cosine_scale must hold one float32 value per head ({H}) on the CPU, "
                          f"got {scale.dtype} {tuple(scale.shape)} on {scale.device}")
+
+
+def _check_raw(q, k, v, bias, scale) -> None:
+    """:func:`_check`, and the layouts the C code assumes: q, k and v rows of 32 contiguous
+    elements (any other strides, 64-bit), bias and scale contiguous. ValueError otherwise."""
+    _check(q, k, v, bias, scale)
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        raise ValueError("q, k and v must have a unit last stride, got strides "
+                         f"{q.stride()}, {k.stride()}, {v.stride()}")
+    if bias is not None and not bias.is_contiguous():
+        raise ValueError(f"bias must be contiguous, got strides {bias.stride()}")
+    if scale is not None and not scale.is_contiguous():
+        raise ValueError(f"cosine_scale must be contiguous, got strides {scale.stride()}")
 
 
 @torch.library.custom_op(

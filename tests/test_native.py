@@ -532,3 +532,175 @@ def test_exported_programs_hold_only_pytorch_operators(grad):
     assert not any("swinv2" in op or "mkldnn" in op for op in ops), sorted(ops)
     with torch.no_grad():
         assert rel_err(program.module()(x), model(x)) < 1e-5
+
+
+# -- memory safety and a failing start -------------------------------------------------------
+
+
+@pytest.fixture
+def unloaded(monkeypatch):
+    """A fresh native state (restored afterwards), loading from the usual cache."""
+    monkeypatch.setattr(native, "_state", {})
+
+
+@pytest.mark.parametrize("default", ["bfloat16 dtype", "float64 dtype", "meta device"])
+def test_self_test_spells_out_its_dtypes_and_devices(unloaded, default):
+    """The first call may come under another default dtype or device. The self-test builds
+    every tensor as float32 on the CPU, and the kernel reads bias and scales as float32 CPU
+    memory: under a bfloat16 default it once read 2-byte tensors as 4-byte ones (past their
+    end, and the kernel failed its self-test), under a meta default device it crashed."""
+    if native._cpu_supported() or native._compiler() is None:
+        pytest.skip("this machine cannot run the native kernel")
+    saved = torch.get_default_dtype()
+    try:
+        if default == "meta device":
+            with torch.device("meta"):
+                assert native.available(), native.status()
+        else:
+            torch.set_default_dtype(torch.bfloat16 if default.startswith("bfloat16") else torch.float64)
+            assert native.available(), native.status()
+    finally:
+        torch.set_default_dtype(saved)
+
+
+@needs_kernel
+def test_output_is_cpu_memory_whatever_the_default_device():
+    q, k, v = _qkv(2, 2, 16)
+    want = native.window_attention(q, k, v, None)
+    with torch.device("meta"):
+        got = native._call(native._function(), q, k, v, None)
+    assert got.device.type == "cpu" and torch.equal(got, want)
+
+
+@needs_kernel
+def test_every_call_into_the_library_is_checked():
+    """The raw call (the self-test's, the operator's) runs the operator's checks and the
+    layout ones the C code relies on: what it would misread raises instead."""
+    fn = native._function()
+    q, k, v = _qkv(2, 2, 16)
+    bias = torch.zeros(1, 2, 16, 16)
+
+    def call(*args):
+        return native._call_raw(fn, *args)
+
+    with pytest.raises(ValueError, match="bias must be float32 .* got torch.bfloat16"):
+        call(q, k, v, bias.bfloat16())  # 2-byte elements read as 4
+    with pytest.raises(ValueError, match="bias must be contiguous"):
+        call(q, k, v, torch.zeros(1, 1, 16, 16).expand(1, 2, 16, 16))  # one head's memory for two
+    with pytest.raises(ValueError, match="cosine_scale must hold one float32 value per head"):
+        call(q, k, v, None, torch.ones(2, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="cosine_scale must be contiguous"):
+        call(q, k, v, None, torch.ones(4)[::2])
+    with pytest.raises(ValueError, match="unit last stride"):
+        call(q, k, v.transpose(-1, -2).contiguous().transpose(-1, -2), None)
+    with pytest.raises(ValueError, match="of one shape"):
+        call(q, k[:, :, :8], v, None)
+    with pytest.raises(ValueError, match="dense tensors"):
+        call(q, k, v, bias.to_sparse())
+    assert torch.equal(call(q, k, v, bias), native.window_attention(q, k, v, bias).transpose(1, 2))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_reads_keys_more_than_2_gib_apart(dtype):
+    """Keys whose byte offsets within a block of 16 do not fit 32 bits (the gathers' index
+    width; 15 steps past 2^31 bytes overflowed and read far outside the tensor) are read with
+    64-bit offsets: the result is that of the same keys made contiguous. The tensor is real,
+    2.1 GiB of address space of which only the 16 rows used are ever touched (the rest is
+    never paged in, so it costs no memory)."""
+    esz = torch.finfo(dtype).bits // 8
+    step = 2**31 // (15 * esz) + 64  # elements between keys
+    try:
+        big = torch.empty(16 * step, dtype=dtype)
+    except RuntimeError as err:  # address space limited (ulimit -v, strict overcommit)
+        pytest.skip(f"cannot reserve {16 * step * esz / 2**30:.1f} GiB of address space: {err}")
+    k = big.as_strided((1, 1, 16, 32), (0, 0, step, 1))  # inside big: 15 * step + 32 <= 16 * step
+    g = torch.Generator().manual_seed(0)
+    k.copy_(torch.randn(1, 1, 16, 32, generator=g))
+    q, v = torch.randn(2, 1, 1, 16, 32, generator=g).to(dtype).unbind(0)
+    for scale in (None, torch.tensor([10.0])):
+        want = native.window_attention(q, k.contiguous(), v, None, scale)
+        assert torch.equal(native.window_attention(q, k, v, None, scale), want)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(0, 2, 16, 32), (2, 0, 16, 32), (2, 2, 0, 32)])
+def test_kernel_takes_empty_inputs(shape, dtype):
+    """No windows, heads or tokens: an empty output, without asking the C code for scratch
+    memory of size 0 (which a C library may refuse)."""
+    q = torch.zeros(shape, dtype=dtype)
+    B, H, N, _ = shape
+    out = native.window_attention(q, q, q, torch.zeros(1, H, N, N), torch.ones(H))
+    assert out.shape == shape and out.dtype == dtype
+
+
+class _BrokenToolchain(Exception):
+    """Stands for anything a build may raise that nobody listed."""
+
+
+@pytest.mark.parametrize("stage,error", [
+    ("_build", OSError(28, "No space left on device")),
+    ("_build", _BrokenToolchain("the compiler crashed")),
+    ("_load", OSError("invalid ELF header")),  # a damaged library, even once rebuilt
+    ("_load", AttributeError("undefined symbol: window_attention")),
+    ("_self_test", ValueError("the self-test itself went wrong")),
+])
+def test_a_failing_start_is_remembered_with_its_reason(fresh, monkeypatch, stage, error, one_thread):
+    """Whatever fails while building, loading or checking the kernel turns it off for the
+    process with the reason, is not tried again on later calls, and the model gives PyTorch's
+    result."""
+    monkeypatch.setattr(native, "_cpu_supported", lambda: None)
+    monkeypatch.setattr(native, "_compiler", lambda: "/usr/bin/cc")
+    monkeypatch.setattr(native, "_build", lambda cc, force=False: fresh / "window_attention.so")
+    monkeypatch.setattr(native, "_load", lambda path: object())
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(args)
+        raise error
+
+    monkeypatch.setattr(native, stage, failing)
+    assert not native.available()
+    tries = len(calls)
+    assert tries == (2 if isinstance(error, OSError) and stage == "_load" else 1)  # one rebuild
+    assert native.status().startswith("off (") and f"{type(error).__name__}: {error}" in native.status()
+    model = randomize_(swinv2.SwinTransformerV2(img_size=64, window_size=4, drop_path_rate=0.0, **ARCH32), 1).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        got = model(x)
+        for m in _attentions(model):
+            m.native = False
+        want = model(x)
+    assert not native.available() and len(calls) == tries  # nothing tried again
+    assert torch.equal(got, want)
+
+
+def test_an_interrupted_start_passes_the_interrupt_on(fresh, monkeypatch):
+    """KeyboardInterrupt is not a failure of the kernel: it propagates, and nothing is
+    recorded (the next call starts again)."""
+    monkeypatch.setattr(native, "_cpu_supported", lambda: None)
+    monkeypatch.setattr(native, "_compiler", lambda: "/usr/bin/cc")
+
+    def interrupted(cc, force=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(native, "_build", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        native.available()
+    assert "fn" not in native._state
+
+
+@needs_kernel
+def test_rebuild_tries_again_after_a_failure(fresh, monkeypatch):
+    real = native._build
+
+    def broken(cc, force=False):
+        raise _BrokenToolchain("cc died")
+
+    monkeypatch.setattr(native, "_build", broken)
+    assert not native.available() and "_BrokenToolchain: cc died" in native.status()
+    monkeypatch.setattr(native, "_build", real)  # the toolchain is fixed
+    assert not native.available()  # remembered...
+    assert native.rebuild() and native.available() and native.status() == "on"  # ...until asked
+    assert native._state["path"].startswith(str(fresh))

@@ -15,6 +15,12 @@
  * scale[h] / max(||q||, eps) and each k row to 1 / max(||k||, eps), as F.normalize and the
  * logit scale do: the products then see the same rounded q and k as PyTorch's path.
  *
+ * NaN and infinities go where PyTorch's attention takes them: every max, floor and clamp below
+ * keeps a NaN operand (the AVX-512 max returns its second operand when either is NaN, so the
+ * value that may be NaN goes second), a row holding a NaN score is NaN, a NaN or infinite v
+ * reaches every output it is weighed into, and a row whose every score is -inf (fully masked)
+ * gets all-zero weights, as scaled_dot_product_attention gives it.
+ *
  * Built and loaded by swinv2/native.py, which also checks it against PyTorch before use.
  */
 #include <immintrin.h>
@@ -22,11 +28,19 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
+#include <string.h>
+
+/* Below this, float32's e^x rounds to 0 (e^x <= 2^-150, x <= -150 ln 2). */
+#define EXP_ZERO (-103.972076f)
 
 /* e^x for x <= 0 (scores after the row maximum is subtracted): x = n ln2 + r with |r| <= ln2/2,
- * a degree-7 polynomial for e^r, then scaled by 2^n. Inputs below -87 give e^-87 (~1e-38). */
+ * a degree-7 polynomial for e^r, then scaled by 2^n. Inputs from -87 down to EXP_ZERO give
+ * e^-87 (~1e-38, the smallest normal float32: no denormal reaches the products, which some
+ * CPUs handle in slow microcode); below it, -inf included, exactly 0, as PyTorch's exp, so that
+ * a weight of 0 times an infinite v is NaN in both. A NaN stays NaN. */
 static inline __m512 exp_neg(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __mmask16 nonzero = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_ZERO), _CMP_NLT_UQ);  /* or NaN */
+    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  /* x second: a NaN x is kept */
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
@@ -38,7 +52,7 @@ static inline __m512 exp_neg(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
     __m512 r2 = _mm512_mul_ps(r, r);
     p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
+    return _mm512_maskz_scalef_ps(nonzero, p, n);
 }
 
 typedef struct {
@@ -95,6 +109,47 @@ static inline __attribute__((always_inline)) __m256i round_bf16(__m512 x) {
     return _mm512_cvtepi32_epi16(r);
 }
 
+/* The row maximum to subtract before the exponentials: 0 for a fully masked row (every score
+ * -inf), whose weights are then all e^-inf = 0 instead of e^(-inf + inf) = NaN. A NaN in the
+ * row may or may not win the reduction; either way its own exponential is NaN, and the row's. */
+static inline __m512 row_max(__m512 mx) {
+    const float m = _mm512_reduce_max_ps(mx);
+    return _mm512_set1_ps(m == -INFINITY ? 0.0f : m);
+}
+
+/* 1 / the row's sum of weights; 0 for a fully masked row (sum 0), whose output is then its all-0
+ * weights times v: 0, or NaN where v holds a NaN or an infinity, as in PyTorch. */
+static inline float row_inv(__m512 sum) {
+    const float t = _mm512_reduce_add_ps(sum);
+    return t == 0.0f ? 0.0f : 1.0f / t;
+}
+
+/* K transposed into kt (rows of stride ld) for keys n0 .. n0+cnt-1, one at a time: for token
+ * strides whose byte offsets within a block of 16 keys do not fit the gathers' 32-bit indices.
+ * Lanes past cnt are 0. Returns the 16 keys' sums of squares, one per lane. */
+static __m512 transpose_keys_scalar(float *kt, int64_t ld, const char *kb, int64_t step, int64_t cnt, int bf16) {
+    __m512 ss = _mm512_setzero_ps();
+    for (int c = 0; c < D; c++) {
+        float *row = kt + c * ld;
+        for (int64_t l = 0; l < 16; l++) {
+            float x = 0.0f;
+            if (l < cnt) {
+                const char *p = kb + l * step;
+                if (bf16) {
+                    const uint32_t u = (uint32_t)((const uint16_t *)p)[c] << 16;
+                    memcpy(&x, &u, sizeof x);
+                } else {
+                    x = ((const float *)p)[c];
+                }
+            }
+            row[l] = x;
+        }
+        const __m512 g = _mm512_load_ps(row);
+        ss = _mm512_fmadd_ps(g, g, ss);
+    }
+    return ss;
+}
+
 /* bf16 is a compile-time constant in each caller: the two element types get their own code. */
 static inline __attribute__((always_inline)) void run_typed(job_t *j, const int bf16) {
     const int64_t N = j->N, NB = (N + 15) / 16, esz = bf16 ? 2 : 4;
@@ -138,11 +193,16 @@ static inline __attribute__((always_inline)) void run_typed(job_t *j, const int 
         for (int64_t cb = 0; cb < NB; cb++) {
             const int64_t n0 = cb * 16, cnt = (N - n0) < 16 ? (N - n0) : 16;
             const __mmask16 m = cnt == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt) - 1);
-            const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15),
-                                                   _mm512_set1_epi32((int)(j->skn * esz)));  /* bytes */
-            const char *kb = k + n0 * j->skn * esz;
+            const int64_t step = j->skn * esz;  /* bytes from one key to the next */
+            const char *kb = k + n0 * step;
             __m512 ss = _mm512_setzero_ps();
-            if (bf16) {
+            /* the gathers' lane offsets (up to 15 steps, in bytes) are 32-bit */
+            const int narrow = step <= INT32_MAX / 15;
+            const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15),
+                                                   _mm512_set1_epi32(narrow ? (int)step : 0));
+            if (!narrow) {
+                ss = transpose_keys_scalar(kt + n0, NB * 16, kb, step, cnt, bf16);
+            } else if (bf16) {
                 /* one 32-bit gather brings channels c and c+1 of 16 keys: c in the low half
                  * (little-endian), c+1 in the high half; a bfloat16 is a float32's high half */
                 for (int c = 0; c < D; c += 2) {
@@ -162,7 +222,7 @@ static inline __attribute__((always_inline)) void run_typed(job_t *j, const int 
             }
             if (j->scale) {
                 /* 16 keys' norms at once, one lane each; padded lanes stay 0 */
-                const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_max_ps(_mm512_sqrt_ps(ss), _mm512_set1_ps(j->eps)));
+                const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_max_ps(_mm512_set1_ps(j->eps), _mm512_sqrt_ps(ss)));
                 for (int c = 0; c < D; c++) {
                     float *kc = kt + c * NB * 16 + n0;
                     _mm512_store_ps(kc, _mm512_mul_ps(_mm512_load_ps(kc), inv));
@@ -190,7 +250,7 @@ static inline __attribute__((always_inline)) void run_typed(job_t *j, const int 
                     else a = _mm512_loadu_ps(qr[r]), b = _mm512_loadu_ps(qr[r] + 16);
                     if (j->scale) {
                         const float norm = sqrtf(_mm512_reduce_add_ps(_mm512_fmadd_ps(a, a, _mm512_mul_ps(b, b))));
-                        const __m512 f = _mm512_set1_ps(sh * (1.0f / (norm > j->eps ? norm : j->eps)));
+                        const __m512 f = _mm512_set1_ps(sh * (1.0f / (norm < j->eps ? j->eps : norm)));  /* NaN kept */
                         a = _mm512_mul_ps(a, f), b = _mm512_mul_ps(b, f);
                     }
                     _mm512_store_ps(qs + r * D, a);
@@ -215,7 +275,7 @@ static inline __attribute__((always_inline)) void run_typed(job_t *j, const int 
                         acc[r][c] = _mm512_mask_blend_ps(m, ninf, acc[r][c]);
                     }
                     __m512 mx = _mm512_max_ps(_mm512_max_ps(acc[r][0], acc[r][1]), _mm512_max_ps(acc[r][2], acc[r][3]));
-                    __m512 mxv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+                    const __m512 mxv = row_max(mx);
                     __m512 sum = _mm512_setzero_ps();
                     for (int c = 0; c < 4; c++) {
                         if (c >= NB) break;
@@ -224,7 +284,7 @@ static inline __attribute__((always_inline)) void run_typed(job_t *j, const int 
                         _mm512_store_ps(s + r * NB * 16 + c * 16, e);
                         sum = _mm512_add_ps(sum, e);
                     }
-                    inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+                    inv[r] = row_inv(sum);
                 }
             } else {
             /* scores, 4 column blocks of 16 at a time */
@@ -248,7 +308,7 @@ static inline __attribute__((always_inline)) void run_typed(job_t *j, const int 
                     _mm512_store_ps(sr + cb * 16, x);
                     mx = _mm512_max_ps(mx, x);
                 }
-                __m512 mxv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+                const __m512 mxv = row_max(mx);
                 __m512 sum = _mm512_setzero_ps();
                 for (int64_t cb = 0; cb < NB; cb++) {
                     __mmask16 m = cb == NB - 1 ? tail : 0xFFFF;
@@ -256,7 +316,7 @@ static inline __attribute__((always_inline)) void run_typed(job_t *j, const int 
                     _mm512_store_ps(sr + cb * 16, e);
                     sum = _mm512_add_ps(sum, e);
                 }
-                inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+                inv[r] = row_inv(sum);
             }
             }
             /* out = P V */
@@ -302,6 +362,7 @@ int window_attention(const void *q, const void *k, const void *v, const float *b
                      int64_t B, int64_t H, int64_t N, int64_t nb, const int64_t *st, int threads) {
     const int64_t tasks = B * H;
     int status = 0;
+    if (tasks <= 0 || N <= 0) return 0;  /* nothing to compute (and no scratch of size 0 to ask for) */
     if (threads < 1) threads = 1;
     if (threads > tasks) threads = tasks > 0 ? (int)tasks : 1;
 #pragma omp parallel num_threads(threads) reduction(| : status)
