@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .hub import give_default_mode
+from .fileio import give_default_mode, save_safetensors, write_error
 from .layers import to_2tuple
 from .loading import CheckpointError, StateDictMismatchError, load_pretrained, read_state_dict
 from .model import SwinTransformerV2
@@ -380,7 +380,6 @@ def save_hf_folder(
     only when empty or holding nothing but those two files; otherwise FileExistsError. Warns
     when transformers would build other windows than swinv2 uses (see the module docstring).
     """
-    from safetensors.torch import save_file
 
     folder = Path(folder)
     config = hf_config_from_model(model, class_names)
@@ -398,7 +397,7 @@ def save_hf_folder(
     try:
         tmp.mkdir()
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(state, os.fspath(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        save_safetensors(state, tmp / SAFETENSORS_NAME, metadata={"format": "pt"})
         give_default_mode(tmp / SAFETENSORS_NAME)
         for name in (CONFIG_NAME, SAFETENSORS_NAME):  # on disk before the rename makes them visible
             with open(tmp / name, "rb") as f:
@@ -406,10 +405,12 @@ def save_hf_folder(
         if folder.exists():
             os.replace(folder, old)
         os.replace(tmp, folder)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not folder.exists():
             os.replace(old, folder)
+        if isinstance(err, OSError):
+            raise write_error(err, folder) from err
         raise
     finally:
         shutil.rmtree(old, ignore_errors=True)

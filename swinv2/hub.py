@@ -18,7 +18,6 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import fileio
 from .loading import (
     CheckpointError,
     StateDictMismatchError,
@@ -57,40 +57,6 @@ def _library_version() -> str:
     return getattr(swinv2, "__version__", "unknown")
 
 
-def _temp_path(path: Path) -> Path:
-    """A unique temporary name next to ``path``, so that os.replace onto it is atomic."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it (os.umask can only set it, which would
-    race with other threads creating files); set-and-restore where /proc is missing."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def give_default_mode(path: str | os.PathLike) -> None:
-    """Give ``path`` the mode that ``open(path, "w")`` creates files with (0o666 less the
-    umask). Writers that go through a private temporary file (safetensors creates its own
-    with 0o600) call this before renaming the file into place."""
-    os.chmod(path, 0o666 & ~_umask())
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
 def save_pretrained(
     model: SwinTransformerV2, path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> Path:
@@ -101,8 +67,6 @@ def save_pretrained(
     at the end, so ``path`` never holds a partial file, even if the process dies mid-write.
     ``metadata``: extra str -> str entries to store (for example the epoch or a metric).
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     config = getattr(model, "config", None)
     if not isinstance(config, Mapping):
@@ -130,17 +94,8 @@ def save_pretrained(
     )
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    try:
-        save_file(tensors, os.fspath(tmp), metadata=meta)
-        give_default_mode(tmp)
-        with open(tmp, "rb") as f:  # on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+    with fileio.atomic_path(path) as tmp:
+        fileio.save_safetensors(tensors, tmp, meta)
     return path
 
 
@@ -477,7 +432,7 @@ def download(
         return target
 
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(target)
+    tmp = fileio.temporary_name(target)
     try:
         try:
             digest = _fetch(url, tmp, filename, progress, timeout)
@@ -495,7 +450,7 @@ def download(
             )
         os.replace(tmp, target)
     finally:
-        _remove_quietly(tmp)
+        fileio.remove_quietly(tmp)
     return target
 
 

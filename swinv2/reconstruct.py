@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .fileio import atomic_path
 
 OFFICIAL_NORM_TARGET_WINDOW = 47  # every official SwinV2 SimMIM config enables it with 47
 _COORDS_KEY = "layers.0.blocks.0.attn.relative_coords_table"
@@ -88,8 +89,11 @@ def save_reconstruction_grid(images, masks, recs, path, mean=IMAGENET_MEAN, std=
             ax.set_yticks([])
         axes[0][j].set_title(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=os.path.splitext(os.fspath(path))[1][1:] or "png")
+    finally:
+        plt.close(fig)
     return os.fspath(path)
 
 

@@ -89,3 +89,66 @@ def test_tensorboard_holds_each_step_once_after_resume(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 13))
+
+
+def test_a_resumed_run_logs_the_stopped_window_again(tmp_path):
+    """A run stopped by --max-steps at step 10 logged a partial window (steps 9-10); its
+    checkpoint carries that window, so the resumed run logs it whole at step 12: the partial
+    record goes, validation at the stop stays, in metrics.jsonl and in TensorBoard alike."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with RunLogger(tmp_path, tensorboard=True) as log:
+        for s in (4, 8, 10):
+            log.log("train", s, loss=float(s))
+        log.log("val", 10, top1=0.5)
+    with RunLogger(tmp_path, tensorboard=True, resume_step=10, train_resume_step=8) as log:
+        log.log("train", 12, loss=12.0)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["split"], r["step"]) for r in records] == [("train", 4), ("train", 8), ("val", 10), ("train", 12)]
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [4, 8, 12]
+    assert [e.step for e in acc.Scalars("val/top1")] == [10]
+
+
+def test_tensorboard_and_matplotlib_are_optional(tmp_path, monkeypatch, capsys):
+    import sys
+
+    for name in [n for n in sys.modules if n.split(".")[0] in ("tensorboard", "matplotlib")
+                 or n.startswith("torch.utils.tensorboard")]:
+        monkeypatch.delitem(sys.modules, name)
+    for name in ("tensorboard", "matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)  # not installed
+    with RunLogger(tmp_path, tensorboard=True) as log:
+        log.log("train", 1, loss=1.0)
+        assert log.plot() == [] and log.plot() == []
+        log.summary()
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["note: TensorBoard logging off (pip install 'swinv2[train]' for it)",
+                   "note: PNG plots off (pip install 'swinv2[train]' for them)"]
+    assert [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "summary.json"]
+
+
+def test_a_full_disk_while_logging_is_one_clear_error(tmp_path, monkeypatch):
+    import pytest
+    from test_run_folder import FullDisk
+
+    from swinv2.fileio import WriteError
+
+    def second_record(events):
+        return sum(1 for kind, name in events if kind == "write" and name == "metrics.jsonl") >= 2
+
+    with monkeypatch.context() as m:
+        FullDisk(m, tmp_path, second_record)
+        log = RunLogger(tmp_path, tensorboard=False)
+        log.log("train", 1, loss=1.0)
+        with pytest.raises(WriteError, match=r"^no space left on device writing .*metrics\.jsonl$"):
+            log.log("train", 2, loss=0.5)
+        with pytest.raises(WriteError, match=r"^no space left on device writing .*loss\.png$"):
+            log.plot()
+        with pytest.raises(WriteError, match=r"^no space left on device writing .*summary\.json$"):
+            log.summary()
+        log.close()  # does not raise: every record was flushed as it was logged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary left
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]

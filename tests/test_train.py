@@ -93,6 +93,32 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
         assert torch.equal(v, w), k
 
 
+def test_logged_losses_after_stops_mid_window_equal_an_uninterrupted_run(tmp_path, monkeypatch):
+    """The logged train loss is the mean over the updates since the last logged step, windows
+    crossing epoch ends included. A run stopped by --max-steps in the middle of a window (and
+    of an epoch), resumed, stopped again and resumed, logs exactly the losses of a run that was
+    never stopped: the window is saved with the checkpoint, and the stop's partial record is
+    replaced by the whole window's."""
+    monkeypatch.setattr(supervised, "evaluate_classifier",
+                        lambda *args: dict(top1=0.5, top5=1.0, loss=1.0, images=10))  # not under test
+    base = dict(epochs=2, train_fraction=0.05, log_every=3)  # 8 updates per epoch: windows 7-9, 16
+    whole = _cfg(tmp_path, "whole", **base)
+    assert supervised.main(whole) == 0
+    staged = _cfg(tmp_path, "staged", max_steps=4, **base)
+    assert supervised.main(staged) == 0
+    for stop in (11, 100):
+        again = TrainConfig(output=staged.output, resume=True, max_steps=stop, progress=False, workers=0,
+                            tensorboard=False, threads=1)
+        assert supervised.main(again) == 0
+
+    def train(run):
+        rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in rows if r["split"] == "train"]
+
+    assert [s for s, _ in train(whole.output)] == [3, 6, 9, 12, 15, 16]
+    assert train(staged.output) == train(whole.output)  # bit for bit
+
+
 def test_gradient_accumulation_equals_the_large_batch(tmp_path):
     common = dict(mixup=0.0, cutmix=0.0, max_steps=2, epochs=1, clip_grad=None)
     one = _cfg(tmp_path, "one", batch_size=8, accum_steps=1, **common)

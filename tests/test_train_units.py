@@ -3,6 +3,7 @@
 import argparse
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,3 +170,180 @@ def test_amp_auto_follows_native_bf16(monkeypatch, avx512_bf16, amx, expected):
     with engine.autocast(TrainConfig(), torch.device("cpu")):
         dtype = torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype
     assert dtype == (torch.bfloat16 if expected == "bf16" else torch.float32)
+
+
+# -- the training loop on a toy task ----------------------------------------------------------
+
+
+class _Log:
+    """A RunLogger stand-in that keeps what the trainer logs."""
+
+    def __init__(self):
+        self.records = []
+
+    def log(self, split, step, **metrics):
+        self.records.append(dict(split=split, step=step, **metrics))
+
+    def plot(self):
+        return []
+
+    def train_losses(self):
+        return {r["step"]: r["loss"] for r in self.records if r["split"] == "train"}
+
+
+def _toy_trainer(tmp_path, losses, *, steps_per_epoch, evaluate=None, save_model=None, **cfg):
+    """A Trainer whose update ``i`` (0-based, one micro-batch of one image) has loss ``losses[i]``
+    and changes nothing (lr 0): the loop's bookkeeping alone."""
+    from torch import nn
+
+    from swinv2.train.distributed import Dist
+    from swinv2.train.engine import Loop, Trainer
+
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def loader_for(epoch, start_batch):
+        for b in range(start_batch, steps_per_epoch):
+            yield torch.full((1, 2), float(epoch * steps_per_epoch + b)), 0
+
+    def objective(net, inputs, seed):
+        index = int(inputs[0][0, 0])
+        return net(inputs[0]).sum() * 0.0 + losses[index], 1
+
+    loop = Loop(objective=objective, loader_for=loader_for, batches_per_epoch=steps_per_epoch, evaluate=evaluate,
+                save_model=save_model)
+    config = TrainConfig(**{**dict(output=str(tmp_path), batch_size=1, epochs=2, warmup_epochs=0, progress=False,
+                                   tensorboard=False, amp="none", clip_grad=None), **cfg})
+    return Trainer(config, Dist(), model, optimizer, loop, _Log())
+
+
+@pytest.mark.parametrize(("log_every", "expected"), [
+    (4, {4: (1 + 2 + 3 + 4) / 4, 8: (5 + 6 + 7 + 8) / 4, 12: (9 + 10 + 11 + 12) / 4}),
+    (5, {5: (1 + 2 + 3 + 4 + 5) / 5, 10: (6 + 7 + 8 + 9 + 10) / 5, 12: (11 + 12) / 2}),
+])
+def test_logged_train_loss_is_the_mean_of_its_window_across_epochs(tmp_path, log_every, expected):
+    """Epochs of 6 updates: a logging window that straddles an epoch end averages all its
+    updates; the last step, off the grid, averages the updates since the last logged one."""
+    trainer = _toy_trainer(tmp_path, [float(k) for k in range(1, 13)], steps_per_epoch=6, log_every=log_every)
+    trainer.fit()
+    assert trainer.logger.train_losses() == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_host_waits_for_the_device_once_per_logged_step(tmp_path, monkeypatch):
+    """Loss, counts and the non-finite check stay on the device between logged steps: the
+    engine reads a tensor on the host once per logged step, not per micro-batch."""
+    import sys
+
+    from swinv2.train import engine
+
+    reads = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename == engine.__file__:
+                reads.append(name)
+            return original(self, *args, **kwargs)
+
+        return read
+
+    trainer = _toy_trainer(tmp_path, [1.0] * 24, steps_per_epoch=24, epochs=1, log_every=8, accum_steps=1)
+    monkeypatch.setattr(engine.Trainer, "_end_of_epoch", lambda self, epoch, last: None)
+    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    trainer.fit()
+    assert len(trainer.logger.train_losses()) == 3
+    assert len(reads) == 3, reads
+
+
+def test_a_non_finite_loss_stops_the_run_before_anything_is_saved(tmp_path):
+    losses = [1.0] * 12
+    losses[5] = float("nan")
+    trainer = _toy_trainer(tmp_path, losses, steps_per_epoch=12, epochs=1, log_every=4, save_every_steps=7)
+    from swinv2.train.engine import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match="at update 5 "):
+        trainer.fit()
+    assert trainer.state.step == 7  # found at the checkpoint after it, which was not written
+    assert not (tmp_path / ckpt.LAST).exists()
+    assert list(trainer.logger.train_losses()) == [4]
+
+
+class _Killed(BaseException):
+    """The process dies here (nothing after it runs, nothing in memory survives)."""
+
+
+def _best_run(tmp_path, monkeypatch, kill_at: int | None):
+    """Two epochs of two updates, each epoch better than the last; the run is killed before
+    the ``kill_at``-th file write of the second epoch's end."""
+    import json
+
+    writes = []
+    trainer = None
+
+    def evaluate(model):
+        return dict(top1=trainer.state.step / 10)
+
+    def count(what):
+        writes.append(what)
+        if kill_at is not None and len(writes) == 6 + kill_at:  # the first epoch end writes 5 files
+            raise _Killed
+
+    def save_model(state, path, info):
+        count("model")
+        Path(path).write_text(json.dumps(info))
+
+    from swinv2 import fileio
+
+    real_save, real_copy, real_write = ckpt.save_checkpoint, fileio.copy_file, fileio.write_text
+
+    def save(state, path):
+        count("last")
+        return real_save(state, path)
+
+    def copy(src, dst):
+        count("best")
+        return real_copy(src, dst)
+
+    def write(path, text):
+        count("mark")
+        return real_write(path, text)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+    monkeypatch.setattr(fileio, "copy_file", copy)
+    monkeypatch.setattr(fileio, "write_text", write)
+    trainer = _toy_trainer(tmp_path, [1.0] * 4, steps_per_epoch=2, evaluate=evaluate, save_model=save_model,
+                           log_every=1)
+    return trainer, writes
+
+
+EPOCH_END = ["last", "best", "model", "model", "mark"]
+
+
+@pytest.mark.parametrize("kill_at", [0, 1, 2, 3, 4, None])
+def test_best_and_last_agree_after_a_kill_at_any_epoch_end_write(tmp_path, monkeypatch, kill_at):
+    """An epoch end writes checkpoint-last.pt, checkpoint-best.pt, model-last, model-best and a
+    mark that they are all there. A kill before any of them at the second epoch end, then
+    --resume, ends with all four files saying the same: the best is epoch 2, at update 4."""
+    import json
+
+    trainer, writes = _best_run(tmp_path, monkeypatch, kill_at)
+    try:
+        trainer.fit()
+    except _Killed:
+        pass
+    assert writes == EPOCH_END + (EPOCH_END if kill_at is None else EPOCH_END[:kill_at + 1])
+    monkeypatch.undo()  # a new process: the kill is gone
+    resumed, rewrites = _best_run(tmp_path, monkeypatch, None)
+    resumed.resume(ckpt.load_checkpoint(tmp_path / ckpt.LAST))
+    final = resumed.fit()
+    if kill_at is None:
+        assert rewrites == []  # everything was in place: nothing written again
+    assert (final.best_epoch, final.best_step) == (2, 4)
+    best = ckpt.load_checkpoint(tmp_path / ckpt.BEST)["run"]
+    assert (best["step"], best["best_epoch"], best["best_step"]) == (4, 2, 4)
+    assert ckpt.load_checkpoint(tmp_path / ckpt.LAST)["run"]["step"] == 4
+    for name in ("model-last.safetensors", "model-best.safetensors"):
+        assert json.loads((tmp_path / name).read_text())["step"] == 4, name
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []

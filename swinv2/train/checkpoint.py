@@ -5,6 +5,10 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts only (so
 update step and epoch, the RNG states and the resolved config. It is written to a temporary
 file in the same folder, flushed to disk, then renamed over the target, so a run killed at any
 moment leaves either the previous checkpoint or the new one, never a partial file.
+
+Every file of a run folder is written through :mod:`swinv2.fileio`: a write that fails (disk
+full, quota, read-only folder) removes its temporary file, leaves the previous version in place
+and raises :class:`~swinv2.fileio.WriteError`, one line naming the file and the reason.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..loading import CheckpointError
+from ..fileio import atomic_file, write_error
+from ..loading import CheckpointError, read_checkpoint
 
 LAST = "checkpoint-last.pt"
 BEST = "checkpoint-best.pt"
@@ -54,31 +59,21 @@ def _lists_to_tupled(value):
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    """Write ``state`` atomically (temporary file, fsync, rename)."""
+    """Write ``state`` atomically (temporary file, fsync, rename); WriteError if it cannot be."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save({"kind": KIND, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(err, path) from err
+    with atomic_file(path, "wb") as f:
+        torch.save({"kind": KIND, **state}, f)
     return path
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a training checkpoint (weights_only: nothing but tensors and plain containers)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - every reader failure becomes one clear message
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    state = read_checkpoint(path)  # one-line errors for missing, damaged or code-carrying files
     if not isinstance(state, dict) or state.get("kind") != KIND:
         raise CheckpointError(f"{path} is not a swinv2 training checkpoint (no '{KIND}' marker)")
     return state

@@ -5,7 +5,11 @@ images on each process. Everything random is a function of the seed and the posi
 run: sample order and augmentation of (seed, epoch, index) in the data pipeline, mixup and
 stochastic depth of (seed, step, micro-batch, rank) here. The learning rate is a function of
 the step. So a run resumed from any checkpoint continues with exactly the losses of a run that
-was never interrupted.
+was never interrupted; the logged train loss, a mean over the updates since the last logged
+step, is saved with its window in checkpoints, so the resumed log matches too.
+
+The loss, image counts and non-finite checks stay on the device between logged steps: the host
+waits for the device once per logged step (and before each checkpoint), not per micro-batch.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from .. import fileio
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .deepspeed_backend import is_engine
@@ -27,9 +33,16 @@ from .distributed import Dist, all_reduce_sum, unwrap
 from .optim import Schedule, set_lr
 from .precision import resolve_amp
 
+# In the run folder: the update whose epoch-end files (checkpoint-best.pt, model-*.safetensors)
+# are all written. Written after them, so its absence or an older update means "redo them".
+EPOCH_FILES_MARK = ".epoch-files"
+
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint.
+
+    Found at the next logged step, epoch end or checkpoint after the update (whichever comes
+    first), so nothing non-finite is ever saved."""
 
 
 def derive_seed(*parts: int) -> int:
@@ -63,8 +76,12 @@ class RunState:
     epoch: int = 0  # current epoch (the one that ``step`` falls in)
     best: float | None = None  # best value of the selection metric so far
     best_epoch: int | None = None
+    best_step: int | None = None  # the update checkpoint-best.pt holds
     skipped_images: int = 0  # unreadable images skipped so far
     history: list = field(default_factory=list)  # per-epoch validation metrics
+    # The train-loss window being averaged when the checkpoint was taken: loss (sum of update
+    # losses), images, steps (updates), seconds (training time).
+    window: dict | None = None
 
 
 @dataclass
@@ -112,6 +129,14 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.state = RunState()
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # Device-side counters, read by the host only in _read_counters. float64 keeps the
+        # summed losses exact enough to match a resumed run bit for bit (MPS has no float64).
+        self._dtype = torch.float32 if env.device.type == "mps" else torch.float64
+        zero = torch.zeros((), dtype=self._dtype, device=env.device)
+        self._window_loss, self._window_images = zero.clone(), zero.clone()  # since the last logged step
+        self._skipped, self._bad = zero.clone(), zero.clone()  # since the last read
+        self._first_bad = torch.full_like(zero, -1.0)  # the first update with a non-finite loss
+        self._window_steps, self._window_seconds, self._segment_t0 = 0, 0.0, None
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -123,8 +148,9 @@ class Trainer:
             scaler=self.scaler.state_dict() if self.scaler else None,
             ema=self.ema.state_dict() if self.ema is not None else None,
             run=dict(step=self.state.step, epoch=self.state.epoch, best=self.state.best,
-                     best_epoch=self.state.best_epoch, skipped_images=self.state.skipped_images,
-                     history=self.state.history),
+                     best_epoch=self.state.best_epoch, best_step=self.state.best_step,
+                     skipped_images=self.state.skipped_images, history=self.state.history,
+                     window=self.state.window),
             rng=ckpt.rng_state(),
             config=self.cfg.to_dict(),
             model_config=dict(getattr(model, "config", {}) or getattr(getattr(model, "encoder", None), "config", {})),
@@ -142,12 +168,93 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.state = RunState(**state["run"])
         ckpt.set_rng_state(state["rng"])
+        window = self.state.window or {}
+        self._window_loss.fill_(window.get("loss", 0.0))
+        self._window_images.fill_(window.get("images", 0))
+        self._window_steps, self._window_seconds = window.get("steps", 0), window.get("seconds", 0.0)
 
-    def save(self, name: str) -> dict:
+    def resume(self, state: dict) -> None:
+        """Continue from a checkpoint. One taken at an epoch end whose derived files were not
+        all written (the run was killed among them, see write_epoch_files) writes them now."""
+        self.load_state_dict(state)
+        if state.get("epoch_end") and self.env.main and _read_step(self._epoch_files_mark) != state["run"]["step"]:
+            self.write_epoch_files(state)
+
+    @property
+    def _epoch_files_mark(self) -> Path:
+        return Path(self.cfg.output) / EPOCH_FILES_MARK
+
+    def save(self, name: str, epoch_end: bool = False) -> dict:
+        """Checkpoint the run as ``name`` (with the logging window; ``epoch_end`` marks the
+        checkpoint an epoch end's files derive from) and return the state written."""
+        loss, images = self._read_counters()  # also stops here on a non-finite loss: never saved
+        self.state.window = dict(loss=loss, images=images, steps=self._window_steps, seconds=self._elapsed())
         state = self.state_dict()  # collective under sharding: every process takes part
+        state["epoch_end"] = epoch_end
         if self.env.main:
             ckpt.save_checkpoint(state, f"{self.cfg.output}/{name}")
         return state
+
+    def write_epoch_files(self, state: dict) -> None:
+        """What an epoch end derives from checkpoint-last.pt: checkpoint-best.pt (when this epoch
+        is the best so far) and model-last/-best.safetensors. They are written after
+        checkpoint-last.pt, which records the best update, and written again on resume from it,
+        so checkpoint-best.pt and the summary agree whatever the moment a kill came."""
+        if not self.env.main:
+            return
+        run, out = state["run"], self.cfg.output
+        best = run.get("best_step") is not None and run["best_step"] == run["step"]
+        if best:
+            fileio.copy_file(f"{out}/{ckpt.LAST}", f"{out}/{ckpt.BEST}")
+        if self.loop.save_model is not None:
+            # From the gathered full state: under FSDP the live model holds only shards.
+            info = next((h for h in run["history"] if h.get("step") == run["step"]), None)
+            info = dict(info or dict(epoch=run["epoch"] + 1, step=run["step"]))
+            self.loop.save_model(state, f"{out}/model-last.safetensors", info)
+            if best:
+                self.loop.save_model(state, f"{out}/model-best.safetensors", info)
+        fileio.write_text(self._epoch_files_mark, f"{run['step']}\n")  # all written: nothing to redo on resume
+
+    # -- device-side counters -------------------------------------------------------------
+
+    def _read_counters(self) -> tuple[float, float]:
+        """The host's one wait for the device: (loss sum, images) of the current window. Adds
+        the skipped images to the run state and raises NonFiniteLossError if an update since
+        the last read had a non-finite loss."""
+        loss, images, skipped, bad, first = torch.stack(
+            [self._window_loss, self._window_images, self._skipped, self._bad, self._first_bad]).tolist()
+        self._skipped.zero_()
+        self.state.skipped_images += int(skipped)
+        if bad:
+            update = int(first)
+            raise NonFiniteLossError(
+                f"the loss is not finite at update {update} (epoch {update // self.steps_per_epoch + 1}); the run "
+                f"stopped, and {self.cfg.output}/{ckpt.LAST} (if any) holds the last good state. Lower --lr, "
+                "use --amp bf16 or none, or check the data"
+            )
+        return loss, images
+
+    def _elapsed(self) -> float:
+        """Training seconds in the current window (evaluation and epoch ends left out)."""
+        running = 0.0 if self._segment_t0 is None else time.perf_counter() - self._segment_t0
+        return self._window_seconds + running
+
+    def _log_train(self, lr: float, reset: bool) -> dict:
+        """Log the mean loss over the window's updates. The window closes on the log_every grid;
+        a run's last step off the grid is logged without closing it, so a resumed run logs the
+        whole window at the next grid step, as an uninterrupted run does."""
+        st = self.state
+        loss, images = self._read_counters()
+        seconds = self._elapsed()
+        metrics = dict(loss=loss / self._window_steps, lr=lr, epoch=st.step / self.steps_per_epoch,
+                       images_per_s=images / max(seconds, 1e-9), skipped_images=st.skipped_images)
+        self.logger.log("train", st.step, **metrics)
+        if reset:
+            self._window_loss.zero_()
+            self._window_images.zero_()
+            self._window_steps, self._window_seconds = 0, 0.0
+            self._segment_t0 = time.perf_counter()
+        return metrics
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -170,40 +277,40 @@ class Trainer:
         end_update = min(self.steps_per_epoch, start_update + self.total_steps - st.step)
         desc = f"epoch {epoch + 1}/{cfg.epochs}"
         bar = _progress(cfg.progress and env.main, start_update, self.steps_per_epoch, desc)
-        window_loss, window_images, window_t0 = 0.0, 0, time.perf_counter()
+        self._segment_t0 = time.perf_counter()
         for _ in range(start_update, end_update):
             lr = self.schedule(st.step)
             set_lr(self.optimizer, lr)
-            loss_sum, images = self._update(batches)
+            self._update(batches)
             st.step += 1
-            window_loss += loss_sum
-            window_images += images
+            self._window_steps += 1
             if self.ema is not None:
                 self.ema.update_parameters(unwrap(self.model))
-            if st.step % cfg.log_every == 0 or st.step == self.total_steps:
-                seconds = time.perf_counter() - window_t0
-                steps = (st.step - 1) % cfg.log_every + 1
-                metrics = dict(loss=window_loss / steps, lr=lr, epoch=st.step / self.steps_per_epoch,
-                               images_per_s=window_images / max(seconds, 1e-9),
-                               skipped_images=st.skipped_images)
-                self.logger.log("train", st.step, **metrics)
-                window_loss, window_images, window_t0 = 0.0, 0, time.perf_counter()
+            on_grid = st.step % cfg.log_every == 0
+            if on_grid or st.step == self.total_steps:
+                metrics = self._log_train(lr, reset=on_grid)
                 if bar is not None:
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}",
                                     img_s=f"{metrics['images_per_s']:.0f}")
             if bar is not None:
                 bar.update(1)
-            if cfg.save_every_steps and st.step % cfg.save_every_steps == 0 and st.step < self.total_steps:
+            # Not at an epoch's last update: the epoch-end checkpoint follows, after evaluation,
+            # and a resume must not find that update saved without its evaluation.
+            if (cfg.save_every_steps and st.step % cfg.save_every_steps == 0 and st.step < self.total_steps
+                    and st.step % self.steps_per_epoch != 0):
                 self.save(ckpt.LAST)
+        self._window_seconds, self._segment_t0 = self._elapsed(), None
         if bar is not None:
             bar.close()
 
-    def _update(self, batches: Iterator) -> tuple[float, int]:
-        """One optimizer update over ``accum_steps`` micro-batches; returns (loss, images)."""
+    def _update(self, batches: Iterator) -> None:
+        """One optimizer update over ``accum_steps`` micro-batches. Its loss, images, skipped
+        images and non-finite flag are added to the device-side counters without waiting."""
         cfg, env, model, ds = self.cfg, self.env, self.model, self.deepspeed
         accum = cfg.accum_steps
-        loss_total, images, skipped = 0.0, 0, 0
-        finite = True
+        loss_total = torch.zeros((), dtype=self._dtype, device=env.device)
+        nonfinite = torch.zeros((), dtype=self._dtype, device=env.device)
+        images, skipped = 0, 0
         for micro in range(accum):
             *inputs, n_skipped = next(batches)
             skipped += int(n_skipped)
@@ -223,7 +330,7 @@ class Trainer:
                         loss, n = self.loop.objective(model, inputs, seed)
                     loss = loss.float()
                 value = loss.detach()
-                finite = finite and bool(torch.isfinite(value))
+                nonfinite += (~torch.isfinite(value)).to(self._dtype)
                 # The mean over the update is the mean of micro-batch means: divide by accum
                 # once here, and unscale/clip once below (the official scripts do both per
                 # micro-batch, which breaks with GradScaler).
@@ -234,24 +341,12 @@ class Trainer:
                         model.step()  # counts the micro-batch; the update comes at the last one
                 else:
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            loss_total += float(value) / accum
+            loss_total += value.to(self._dtype) / accum
             images += n
-        # One collective per update: non-finite flags, skipped images, loss and image counts
-        # over all processes (the logged loss is then the global batch's, as in one process).
-        flags = torch.tensor([0.0 if finite else 1.0, float(skipped), loss_total, float(images)],
-                             dtype=torch.float64, device=self.env.device)
-        all_reduce_sum(flags)
-        self.state.skipped_images += int(flags[1])
-        loss_total, images = float(flags[2]) / self.env.world_size, int(flags[3])
-        if flags[0] > 0:
-            raise NonFiniteLossError(
-                f"the loss is not finite at update {self.state.step} (epoch {self.state.epoch + 1}); the run "
-                f"stopped, and {self.cfg.output}/{ckpt.LAST} (if any) holds the last good state. Lower --lr, "
-                "use --amp bf16 or none, or check the data"
-            )
+        self._count(loss_total, nonfinite, images, skipped)
         if ds:
             model.step()  # reduces the gradients, clips them (gradient_clipping), updates, zeroes
-            return loss_total, images
+            return
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if cfg.clip_grad is not None:
@@ -262,10 +357,23 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_total, images
+
+    def _count(self, loss: torch.Tensor, nonfinite: torch.Tensor, images: int, skipped: int) -> None:
+        """Add one update to the counters. One small collective per update sums loss, images,
+        skipped images and non-finite flags over all processes (the logged loss is then the
+        global batch's, as in one process); on a GPU it is queued, not waited for."""
+        counts = torch.tensor([images, skipped], dtype=self._dtype).to(self.env.device, non_blocking=True)
+        update = all_reduce_sum(torch.cat([torch.stack([loss, nonfinite]), counts]))
+        self._window_loss += update[0] / self.env.world_size
+        self._window_images += update[2]
+        self._skipped += update[3]
+        first = (self._bad == 0) & (update[1] > 0)
+        self._first_bad.copy_(torch.where(first, float(self.state.step), self._first_bad))
+        self._bad += update[1]
 
     def _end_of_epoch(self, epoch: int, last: bool) -> None:
         cfg, st = self.cfg, self.state
+        self._read_counters()  # a non-finite loss stops the run here, before evaluation
         metrics = {}
         if self.loop.evaluate is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
             metrics = self.loop.evaluate(self.model)
@@ -283,20 +391,17 @@ class Trainer:
             value = metrics[name]
             improved = st.best is None or (value > st.best if larger else value < st.best)
             if improved:
-                st.best, st.best_epoch = value, epoch + 1
-        state = self.save(ckpt.LAST)
-        if self.env.main and self.loop.save_model is not None:
-            # From the gathered full state: under FSDP the live model holds only shards.
-            info = dict(epoch=epoch + 1, step=st.step, **metrics)
-            self.loop.save_model(state, f"{cfg.output}/model-last.safetensors", info)
-            if improved:
-                self.loop.save_model(state, f"{cfg.output}/model-best.safetensors", info)
-        if improved and self.env.main:
-            import shutil
-
-            shutil.copyfile(f"{cfg.output}/{ckpt.LAST}", f"{cfg.output}/.{ckpt.BEST}.tmp")
-            shutil.move(f"{cfg.output}/.{ckpt.BEST}.tmp", f"{cfg.output}/{ckpt.BEST}")
+                st.best, st.best_epoch, st.best_step = value, epoch + 1, st.step
+        state = self.save(ckpt.LAST, epoch_end=True)
+        self.write_epoch_files(state)
         self.logger.plot()
+
+
+def _read_step(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _batch_size(inputs) -> int:

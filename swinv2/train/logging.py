@@ -7,13 +7,18 @@ truth: the plots and the summary are drawn from it, TensorBoard mirrors it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
 import time
 from pathlib import Path
 
+from ..fileio import atomic_path, write_error, write_text
+
 PLOTS = ("loss.png", "accuracy.png", "lr.png")
+EXTRA_HINT = "pip install 'swinv2[train]'"
+_KEYS = ("split", "step", "time")  # the record fields that are not metrics
 
 
 def read_metrics(path) -> list[dict]:
@@ -51,41 +56,81 @@ class RunLogger:
     A new run (``resume_step=None``) starts metrics.jsonl afresh and purges older TensorBoard
     events from step 0. ``resume_step=N`` keeps the records with ``step <= N`` and tells
     TensorBoard to drop its events after N, so the resumed run's steps appear once.
+    ``train_resume_step=M`` (at most N) drops the train records after M as well: the
+    checkpoint's averaging window began after M, so the resumed run logs that window again, in
+    full, where a run stopped by ``--max-steps`` had logged it partially.
+
+    TensorBoard events and PNG plots need the ``tensorboard`` and ``matplotlib`` packages
+    (``pip install 'swinv2[train]'``); without them that output is off, with a one-line note.
     """
 
-    def __init__(self, run_dir, *, enabled: bool = True, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, run_dir, *, enabled: bool = True, tensorboard: bool = True, resume_step: int | None = None,
+                 train_resume_step: int | None = None):
         self.enabled = enabled
         self.dir = Path(run_dir)
         self.path = self.dir / "metrics.jsonl"
         self._file = None
         self._writer = None
+        self._plots = True
         if not enabled:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        kept = [] if resume_step is None else [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise write_error(err, self.dir) from err
+        kept = []
+        if resume_step is not None:
+            train_until = resume_step if train_resume_step is None else min(train_resume_step, resume_step)
+            kept = [r for r in read_metrics(self.path)
+                    if r["step"] <= (train_until if r["split"] == "train" else resume_step)]
         # Rewritten whole: this also drops a partial last line that appending would glue onto.
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path)
-        self._file = open(self.path, "a")  # noqa: SIM115 - held for the run, closed by close()
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        try:
+            self._file = open(self.path, "a")  # noqa: SIM115 - held for the run, closed by close()
+        except OSError as err:
+            raise write_error(err, self.path) from err
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.dir / "tb"), purge_step=0 if resume_step is None else resume_step + 1)
+            purge = 0 if resume_step is None else train_until + 1
+            self._writer = _summary_writer(self.dir / "tb", purge)
+            # Records kept after the purge point (validation of the stopped run) go back in.
+            for r in kept:
+                if r["step"] >= purge:
+                    self._scalars(r["split"], r["step"], {k: v for k, v in r.items() if k not in _KEYS})
 
     def log(self, split: str, step: int, **metrics) -> None:
         """Append ``{"split", "step", "time", **metrics}``; numeric metrics also go to TensorBoard
         as ``split/name``. Non-numeric values (strings, lists) are kept in the JSON only."""
-        if not self.enabled:
+        if not self.enabled or self._file is None:
             return
         record = {"split": split, "step": int(step), "time": time.time()}
         for name, value in metrics.items():
             scalar = _scalar(value)
             record[name] = value if scalar is None else scalar
-            if self._writer is not None and scalar is not None:
-                self._writer.add_scalar(f"{split}/{name}", scalar, int(step))
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._scalars(split, int(step), metrics)
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as err:
+            self._close_file()
+            raise write_error(err, self.path) from err
+
+    def _scalars(self, split: str, step: int, metrics: dict) -> None:
+        if self._writer is None:
+            return
+        try:
+            for name, value in metrics.items():
+                scalar = _scalar(value)
+                if scalar is not None:
+                    self._writer.add_scalar(f"{split}/{name}", scalar, step)
+        except OSError as err:
+            self._tensorboard_off(err)
+
+    def _tensorboard_off(self, err: OSError) -> None:
+        """TensorBoard mirrors metrics.jsonl: a failed event write turns it off, not the run."""
+        print(f"note: TensorBoard logging off: {write_error(err, self.dir / 'tb')}", flush=True)
+        writer, self._writer = self._writer, None
+        with contextlib.suppress(Exception):
+            writer.close()
 
     def records(self) -> list[dict]:
         return read_metrics(self.path) if self.enabled else []
@@ -93,16 +138,17 @@ class RunLogger:
     def plot(self) -> list[Path]:
         """Write loss.png (train loss per step, val loss at each evaluation), accuracy.png (val
         top-1/top-5, EMA top-1) and lr.png into the run folder; a plot whose metrics were never
-        logged is skipped. Returns the files written."""
+        logged is skipped. Returns the files written (none without matplotlib)."""
         if not self.enabled:
             return []
         if self._writer is not None:
-            self._writer.flush()
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display on training machines
-        import matplotlib.pyplot as plt
-
+            try:
+                self._writer.flush()
+            except OSError as err:
+                self._tensorboard_off(err)
+        figure = self._figure_class()
+        if figure is None:
+            return []
         records = self.records()
         figures = {
             "loss.png": ("loss", [("train", "train", "loss"), ("val", "val", "loss")]),
@@ -120,7 +166,9 @@ class RunLogger:
                     lines.append((label, points))
             if not lines:
                 continue
-            fig, ax = plt.subplots(figsize=(6, 4))
+            # A Figure without pyplot: no global backend switch, nothing to close.
+            fig = figure(figsize=(6, 4))
+            ax = fig.subplots()
             for label, points in lines:
                 xs, ys = zip(*points)
                 # Evaluations are few: markers show where they happened.
@@ -132,10 +180,22 @@ class RunLogger:
             ax.grid(alpha=0.3)
             ax.legend()
             fig.tight_layout()
-            fig.savefig(self.dir / filename, dpi=100)
-            plt.close(fig)
+            with atomic_path(self.dir / filename) as tmp:
+                fig.savefig(tmp, dpi=100, format="png")
             written.append(self.dir / filename)
         return written
+
+    def _figure_class(self):
+        """matplotlib's Figure, or None (once with a note) where matplotlib is not installed."""
+        if not self._plots:
+            return None
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            self._plots = False
+            print(f"note: PNG plots off ({EXTRA_HINT} for them)", flush=True)
+            return None
+        return Figure
 
     def summary(self, **final) -> str:
         """A few lines on the run (steps, last train loss, best and last validation) plus ``final``;
@@ -157,18 +217,23 @@ class RunLogger:
             info["best_val_top1"], info["best_val_step"] = best["top1"], best["step"]
             info["last_val_top1"] = scored[-1]["top1"]
         info.update({k: (_scalar(v) if _scalar(v) is not None else v) for k, v in final.items()})
-        tmp = self.dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
-        tmp.replace(self.dir / "summary.json")
+        write_text(self.dir / "summary.json", json.dumps(info, indent=2, default=str) + "\n")
         return "\n".join(f"{k}: {_format(v)}" for k, v in info.items())
 
     def close(self) -> None:
+        """Close the event writer and metrics.jsonl. Never raises for a failed write: every
+        record was flushed when logged, so a close is not where data is lost."""
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+            writer, self._writer = self._writer, None
+            with contextlib.suppress(Exception):
+                writer.close()
+        self._close_file()
+
+    def _close_file(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            with contextlib.suppress(OSError):
+                file.close()  # after a failed write the buffer cannot be flushed; the file closes anyway
 
     def __enter__(self) -> RunLogger:
         return self
@@ -181,3 +246,18 @@ def _format(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def _summary_writer(folder: Path, purge_step: int):
+    """TensorBoard's SummaryWriter, or None (with a note) where tensorboard is not installed
+    or the events cannot be written."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch raises it when the tensorboard package is missing
+        print(f"note: TensorBoard logging off ({EXTRA_HINT} for it)", flush=True)
+        return None
+    try:
+        return SummaryWriter(str(folder), purge_step=purge_step)
+    except OSError as err:
+        print(f"note: TensorBoard logging off: {write_error(err, folder)}", flush=True)
+        return None
