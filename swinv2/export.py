@@ -18,6 +18,7 @@ fixed size).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import re
@@ -29,9 +30,12 @@ from pathlib import Path
 
 import torch
 
+from . import fileio
+
 FORMATS = ("onnx", "torchscript", "exported-program")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
 INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
+ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")  # the exporter's graph builders and the checking runtime
 DEFAULT_OPSET = 18  # the dynamo-based ONNX exporter's minimum
 TORCHSCRIPT_ONNX_OPSET = 17  # the TorchScript-based ONNX exporter's default
 # ||exported - eager|| / ||eager|| allowed: float32 round-off of a reordered computation is
@@ -185,8 +189,23 @@ def _write_onnx(model, example, path, dynamic_batch, dynamic_size, opset, notes)
                 torch.onnx.export(model, (example,), os.fspath(path), **kwargs)
             return name, version
         except Exception as err:  # noqa: BLE001 - the next exporter is tried; the reason is reported
+            written = _write_failure(err)
+            if written is not None:  # the file could not be written: no other exporter would fare better
+                raise written from err
             notes.append(f"{name} failed ({_first_line(err)})" + ("; trying the next" if i < 2 else ""))
     raise ValueError("no ONNX exporter could convert the model: " + "; ".join(notes))
+
+
+def _write_failure(err: BaseException) -> OSError | None:
+    """The OSError with an errno (read-only file system, disk full, ...) behind an exporter's
+    failure, if that is what it was."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _load_onnx(path):
@@ -287,13 +306,35 @@ def export(
     for, checked at :func:`second_size`, and reported as not supported (with the reason, the
     file being exported at the fixed size) when the exporter refuses or the file specialises.
     ``tolerance``: the largest ``||exported - eager|| / ||eager||`` allowed (default by dtype).
-    ``strict``: raise :class:`ExportVerificationError` (and delete the file) when a check fails;
-    otherwise return the report with ``ok`` False.
+    ``strict``: raise :class:`ExportVerificationError` (``path`` left as it was) when a check fails;
+    otherwise return the report with ``ok`` False and the file written.
+
+    The file is written and checked under a temporary name beside ``path`` and renamed onto it at
+    the end, so ``path`` never holds a partial or unchecked file. A file that cannot be written
+    raises :class:`~swinv2.fileio.WriteError` (it is not reported as a failure of the exporters).
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    missing = [m for m in ONNX_MODULES if fmt == "onnx" and importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModuleNotFoundError(f"ONNX export needs {', '.join(missing)} (pip install 'swinv2[export]')",
+                                  name=missing[0])
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with fileio.atomic_path(path) as tmp:
+        report = _export(model, path, tmp, fmt, example, dynamic_batch, dynamic_size, opset, tolerance)
+        if strict and not report.ok:
+            failed = [c for c in report.checks if not c.passed(report.tolerance)]
+            detail = "; ".join(f"{c.label()}: " + (c.error or f"rel err {c.rel:.2e}, max abs {c.max_abs:.2e}")
+                               for c in failed)
+            raise ExportVerificationError(
+                f"the {fmt} export ({report.exporter}) does not reproduce the model within rel err "
+                f"{report.tolerance:.0e} ({detail}); nothing was written to {path}", report)
+    return report
+
+
+def _export(model, path: Path, tmp: Path, fmt: str, example, dynamic_batch: bool, dynamic_size: bool, opset,
+            tolerance) -> ExportReport:
+    """:func:`export`'s work: write ``tmp``, load it back, compare; the report names ``path``."""
     param = next(model.parameters())
     if example is None:
         gen = torch.Generator().manual_seed(0)
@@ -317,18 +358,20 @@ def export(
         if dynamic_size:
             other = second_size(model, size)
             try:
-                exporter, used_opset = writer(model, example, path, dynamic_batch, True, opset, notes)
-                size_check = _compare(loader(path), model, batch, other, seed=3)
+                exporter, used_opset = writer(model, example, tmp, dynamic_batch, True, opset, notes)
+                size_check = _compare(loader(tmp), model, batch, other, seed=3)
                 dyn_size_ok = size_check.passed(tolerance)
                 why = size_check.error or f"rel err {size_check.rel:.1e} at {other[0]}x{other[1]}"
             except Exception as err:  # noqa: BLE001 - reported, and the fixed-size export follows
+                if _write_failure(err) is not None:
+                    raise
                 why = _first_line(err)
             if not dyn_size_ok:
                 notes.append(f"dynamic size: not supported for this export format ({why}); exported at "
                              f"{size[0]}x{size[1]} only")
         if not dyn_size_ok:
-            exporter, used_opset = writer(model, example, path, dynamic_batch, False, opset, notes)
-        run = loader(path)
+            exporter, used_opset = writer(model, example, tmp, dynamic_batch, False, opset, notes)
+        run = loader(tmp)
         checks = [_compare(run, model, batch, size, seed=1)]
         if dynamic_batch:
             checks.append(_compare(run, model, batch + 3, size, seed=2))
@@ -337,27 +380,22 @@ def export(
     finally:
         model.train(was_training)
     notes = list(dict.fromkeys(notes))  # the dynamic-size attempt and the fixed one may fail alike
-    report = ExportReport(path, fmt, exporter, dynamic_batch, dyn_size_ok, tolerance, used_opset, checks, notes,
-                          time.perf_counter() - start)
-    if strict and not report.ok:
-        path.unlink(missing_ok=True)
-        failed = [c for c in checks if not c.passed(tolerance)]
-        detail = "; ".join(f"{c.label()}: " + (c.error or f"rel err {c.rel:.2e}, max abs {c.max_abs:.2e}")
-                           for c in failed)
-        raise ExportVerificationError(
-            f"the {fmt} export ({exporter}) does not reproduce the model within rel err {tolerance:.0e} "
-            f"({detail}); {path} was deleted", report)
-    return report
+    return ExportReport(path, fmt, exporter, dynamic_batch, dyn_size_ok, tolerance, used_opset, checks, notes,
+                        time.perf_counter() - start)
 
 
 # -- command line -------------------------------------------------------------------------------
 
 
 def cmd_export(args) -> int:
+    from .cli import check_model_size, require
     from .predict import load_for_inference
 
     if args.model is None and args.checkpoint is None:
         raise ValueError("export needs --model NAME_OR_TAG or --checkpoint PATH")
+    if args.format == "onnx":
+        require("export --format onnx", *ONNX_MODULES)
+    fileio.check_writable(args.output, "--output")  # before the model is loaded and exported
     if os.path.splitext(args.output)[1].lower() != SUFFIXES[args.format]:
         print(f"note: {args.format} files are usually named *{SUFFIXES[args.format]}", file=sys.stderr)
     loaded = load_for_inference(args.model, args.checkpoint)
@@ -366,6 +404,7 @@ def cmd_export(args) -> int:
         print(f"note: {args.model} has random weights (fine for checking the export; for a useful file give "
               "registered weights arch.tag or --checkpoint)", file=sys.stderr)
     size = args.img_size or model.img_size
+    check_model_size(model, size)
     example = torch.randn(args.batch_size, model.in_chans, *size, generator=torch.Generator().manual_seed(0))
     report = export(model, args.output, args.format, example=example, dynamic_batch=args.dynamic_batch,
                     dynamic_size=args.dynamic_size, opset=args.opset, strict=False)
@@ -381,7 +420,7 @@ def cmd_export(args) -> int:
 def register(subparsers) -> None:
     import argparse
 
-    from .predict import _positive, parse_size
+    from .cli import parse_size, positive_int
 
     p = subparsers.add_parser("export", help="export to ONNX, TorchScript or torch.export, verified against eager")
     p.add_argument("--model", default=None, metavar="NAME_OR_TAG",
@@ -392,12 +431,12 @@ def register(subparsers) -> None:
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--output", required=True, metavar="FILE")
     p.add_argument("--img-size", type=parse_size, default=None, help="N or HxW to export at (default: the model's)")
-    p.add_argument("--batch-size", type=_positive, default=2, help="batch of the traced example")
+    p.add_argument("--batch-size", type=positive_int, default=2, help="batch of the traced example")
     p.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=True,
                    help="accept any batch size (default: yes)")
     p.add_argument("--dynamic-size", action="store_true",
                    help="try to accept any image size; reported as not supported when the format cannot")
-    p.add_argument("--opset", type=_positive, default=None, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--opset", type=positive_int, default=None, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.set_defaults(func=cmd_export)
 
 

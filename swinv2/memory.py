@@ -476,20 +476,23 @@ def cmd_memory(args) -> int:
 
 
 def register(subparsers) -> None:
+    from .cli import non_negative_int, parse_side, positive_float, positive_int, window_arg
+
     p = subparsers.add_parser("memory", help="estimate (and optionally measure) training memory")
     p.add_argument("--model", default="swinv2_tiny_window8_256", metavar="NAME")
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--window", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--img-size", type=parse_side, default=None)
+    p.add_argument("--window", type=window_arg, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16/fp16: autocast")
-    p.add_argument("--checkpointing", nargs="*", default=None, metavar="STAGE",
+    p.add_argument("--checkpointing", nargs="*", type=non_negative_int, default=None, metavar="STAGE",
                    help="activation checkpointing (no stages: all)")
-    p.add_argument("--sequential", nargs="*", default=None, metavar="STAGE",
+    p.add_argument("--sequential", nargs="*", type=non_negative_int, default=None, metavar="STAGE",
                    help="sequential attention (no stages: all)")
-    p.add_argument("--chunk", type=int, default=None, help="windows per sequential chunk (default: from budget)")
-    p.add_argument("--budget-mb", type=float, default=None, help="sequential attention score budget (MiB)")
+    p.add_argument("--chunk", type=positive_int, default=None,
+                   help="windows per sequential chunk (default: from budget)")
+    p.add_argument("--budget-mb", type=positive_float, default=None, help="sequential attention score budget (MiB)")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATES), default="adamw")
-    p.add_argument("--zero", type=int, default=1, help="ZeRO-1 world size (shards optimizer states)")
-    p.add_argument("--fsdp", type=int, default=1, help="FSDP world size (shards weights, grads, states)")
+    p.add_argument("--zero", type=positive_int, default=1, help="ZeRO-1 world size (shards optimizer states)")
+    p.add_argument("--fsdp", type=positive_int, default=1, help="FSDP world size (shards weights, grads, states)")
     p.add_argument("--measure", action="store_true", help="also run real training steps and measure peak RSS")
     p.set_defaults(func=cmd_memory)

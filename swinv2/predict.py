@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from . import hub
+from . import fileio, hub
+from .data.images import is_regular_file, open_rgb
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from .layers import to_2tuple
 from .variants import create_model, get_variant
@@ -188,20 +189,28 @@ def class_names_for(num_classes: int, known: Sequence[str] | None = None, labels
 
 def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Files named explicitly (whatever their extension), and the images under each folder
-    (recursively, by extension, sorted so that runs are reproducible)."""
+    (recursively, by extension, sorted so that runs are reproducible).
+
+    In a folder, entries named like images that are no regular files (FIFOs, sockets, devices,
+    broken links: opening a FIFO blocks) are skipped and counted on stderr; named explicitly,
+    such an entry is an error."""
     found: list[Path] = []
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            files = sorted(
-                (f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS),
-                key=lambda f: f.as_posix(),
-            )
+            named = [f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and not f.is_dir()]
+            files = sorted((f for f in named if is_regular_file(f)), key=lambda f: f.as_posix())
+            if len(files) < len(named):
+                other = sorted(f.as_posix() for f in named if not is_regular_file(f))
+                print(f"swinv2: skipping {len(other)} entries under {path} named like images but not regular files "
+                      f"(FIFO, socket, device or broken link), e.g. {other[0]}", file=sys.stderr)
             if not files:
                 raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under the folder {path}")
             found.extend(files)
         elif path.is_file():
             found.append(path)
+        elif path.exists():
+            raise ValueError(f"{path} is not an image file but a FIFO, socket or device")
         else:
             raise FileNotFoundError(f"no such image or folder: {path}")
     seen: set[Path] = set()
@@ -209,11 +218,7 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def _load_image(path: Path, transform) -> torch.Tensor:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img.load()  # decode now, so that a truncated file fails here and not in the transform
-        return transform(img)
+    return transform(open_rgb(path))  # decoded now: a truncated file fails here, not in the transform
 
 
 def predict(
@@ -324,36 +329,6 @@ def format_rows(rows: list[dict], fmt: str) -> str:
 # -- command line -----------------------------------------------------------------------------
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'256' -> (256, 256); '320x448' -> (320, 448)."""
-    import argparse
-
-    try:
-        parts = [int(p) for p in text.lower().split("x")]
-        size = to_2tuple(parts[0] if len(parts) == 1 else parts)
-    except (ValueError, TypeError):
-        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}") from None
-    if min(size) < 1:
-        raise argparse.ArgumentTypeError(f"the size must be positive, got {text!r}")
-    return size
-
-
-def _positive(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def random_weights_warning(name: str) -> str:
     tags = [n for n in hub.PRETRAINED if n.split(".", 1)[0] == name]
     hint = f"--model {tags[0]}" if tags else "--model ARCH.TAG (see 'swinv2 pretrained')"
@@ -362,25 +337,31 @@ def random_weights_warning(name: str) -> str:
 
 
 def cmd_predict(args) -> int:
+    from .cli import check_model_size
+    from .train.distributed import check_device
+
     if args.model is None and args.checkpoint is None:
         raise ValueError("predict needs --model TAG_OR_NAME or --checkpoint PATH")
+    device = check_device(args.device or "auto")
+    if args.output:
+        fileio.check_writable(args.output, "--output")  # before the model is built and the images read
     files = find_images(args.paths)  # bad paths fail before the model is built or downloaded
     loaded = load_for_inference(args.model, args.checkpoint)
+    if args.img_size:
+        check_model_size(loaded.model, args.img_size)
     if loaded.random_weights:
         print(random_weights_warning(args.model), file=sys.stderr)
     pre = loaded.preprocess
     if args.img_size:
         pre.img_size = args.img_size
-    net = loaded.model.to(args.device or default_device())
+    net = loaded.model.to(device)
     names = class_names_for(net.num_classes, loaded.class_names, args.labels)
     print(f"{loaded.source}: {net.num_classes} classes; {pre.describe()}; {len(files)} images", file=sys.stderr)
     rows = predict(net, files, transform=pre.transform(), class_names=names, topk=args.topk,
                    batch_size=args.batch_size, progress=not args.quiet)
     text = format_rows(rows, args.format)
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.output, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        fileio.write_bytes(args.output, text.encode("utf-8"))  # a failed write leaves an earlier file as it was
     else:
         sys.stdout.write(text)
     failed = sum(not r["ok"] for r in rows)
@@ -390,6 +371,8 @@ def cmd_predict(args) -> int:
 
 
 def register(subparsers) -> None:
+    from .cli import parse_size, positive_int
+
     p = subparsers.add_parser("predict", help="top-k classes of images or folders of images")
     p.add_argument("paths", nargs="+", metavar="IMAGE_OR_FOLDER", help="images, or folders searched recursively")
     p.add_argument("--model", default=None, metavar="TAG_OR_NAME",
@@ -397,14 +380,14 @@ def register(subparsers) -> None:
                         "--checkpoint, the architecture of the file; alone, random weights (for testing only)")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="a swinv2 .safetensors file, a training checkpoint, or any checkpoint (with --model)")
-    p.add_argument("--topk", type=_positive, default=5)
-    p.add_argument("--batch-size", type=_positive, default=32)
+    p.add_argument("--topk", type=positive_int, default=5)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--img-size", type=parse_size, default=None,
                    help="N or HxW: evaluate at this size instead of the weights' own (same crop policy)")
     p.add_argument("--labels", default=None, metavar="FILE", help="class names, one per line, in index order")
     p.add_argument("--format", choices=FORMATS, default="table")
     p.add_argument("--output", default=None, metavar="FILE", help="write the results here instead of stdout")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 

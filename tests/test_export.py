@@ -93,6 +93,17 @@ def test_perturbed_output_fails_the_check_and_removes_the_file(model, tmp_path, 
     assert not report.ok and path.exists() and "FAILED" in "\n".join(report.lines())
 
 
+def test_a_failed_check_leaves_an_earlier_file_as_it_was(model, tmp_path, monkeypatch):
+    # Written under a temporary name and renamed only once checked: a bad export replaces nothing.
+    path = tmp_path / "m.pt"
+    path.write_bytes(b"an earlier export")
+    monkeypatch.setitem(E._LOADERS, "torchscript", lambda p: (lambda x: torch.zeros(x.shape[0], 10)))
+    with pytest.raises(E.ExportVerificationError, match="nothing was written"):
+        E.export(model, path, "torchscript", dynamic_batch=False)
+    assert path.read_bytes() == b"an earlier export"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
 def test_torchscript_size_specialisation_is_detected_not_claimed(model, tmp_path):
     # Tracing bakes the windows, padding and masks of 64x64 into the graph: at 192x192 the file
     # either fails or computes something else. Either way dynamic size must not be claimed.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import types
 import typing
@@ -20,10 +21,34 @@ AMP_MODES = ("auto", "bf16", "fp16", "none")
 SCHEDULERS = ("cosine", "multistep", "constant")
 SHARDING = ("none", "zero1", "fsdp", "deepspeed")
 TASKS = ("train", "finetune", "pretrain")
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+# The largest image side (and window) any command accepts. The paper's largest input is 1536 px
+# (SwinV2-G); at 8192 px one image's first-stage activations already take gigabytes, and a slip
+# such as 100000 would otherwise end as an out-of-memory failure deep inside an image resize.
+MAX_IMG_SIZE = 8192
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def _f(default, help: str, **bounds):
+    """A field with its help text and, for numbers, its valid range: ``ge``/``gt`` (lower bound,
+    inclusive/exclusive), ``le``/``lt`` (upper), ``choices``; a list field's every value is checked."""
+    return field(default=default, metadata={"help": help, **bounds})
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a field: ``eval_every`` -> ``--eval-every``."""
+    return "--" + name.replace("_", "-")
+
+
+class ConfigError(ValueError):
+    """A field value the run cannot use. The message names the flag (``--eval-every must be >= 1,
+    got 0``); :meth:`in_recipe` names the recipe file and field instead, when the value came from one."""
+
+    def __init__(self, name: str, rule: str, value):
+        self.name, self.rule, self.value = name, rule, value
+        super().__init__(f"{flag(name)} {rule}, got {value!r}")
+
+    def in_recipe(self, path) -> ValueError:
+        return ValueError(f"recipe {path}: {self.name} {self.rule}, got {self.value!r}")
 
 
 @dataclass
@@ -31,106 +56,102 @@ class TrainConfig:
     """Everything a supervised run, a fine-tune or a SimMIM pre-training needs."""
 
     # -- what to train --------------------------------------------------------------------
-    task: str = _f("train", "train (from scratch), finetune (from --checkpoint) or pretrain (SimMIM)")
+    task: str = _f("train", "train (from scratch), finetune (from --checkpoint) or pretrain (SimMIM)", choices=TASKS)
     model: str = _f("swinv2_debug", "variant name (see `swinv2 list`)")
-    img_size: int | None = _f(None, "training resolution (default: the variant's)")
-    window: int | None = _f(None, "window size (default: the variant's)")
-    drop_path: float | None = _f(None, "stochastic depth rate (default: the variant's)")
+    img_size: int | None = _f(None, "training resolution (default: the variant's)", ge=1, le=MAX_IMG_SIZE)
+    window: int | None = _f(None, "window size (default: the variant's)", ge=1, le=MAX_IMG_SIZE)
+    drop_path: float | None = _f(None, "stochastic depth rate (default: the variant's)", ge=0, lt=1)
     checkpoint: str | None = _f(None, "weights to start from (finetune): any format load_pretrained reads")
     pretrained_windows: list[int] | None = _f(
-        None, "pretrained_window_sizes per stage (finetune default: the checkpoint's training window)"
+        None, "pretrained_window_sizes per stage (finetune default: the checkpoint's training window)",
+        ge=0, le=MAX_IMG_SIZE,
     )
     grad_checkpointing: bool = _f(False, "recompute each block in backward to save activation memory")
     sequential_attention: list[int] | None = _f(
-        None, "stages whose window attention runs in chunks of windows (memory; paper: 0 1 at 1536px)"
+        None, "stages whose window attention runs in chunks of windows (memory; paper: 0 1 at 1536px)", ge=0
     )
     # -- data -----------------------------------------------------------------------------
     data: str | None = _f(None, "image folder (class subfolders, or train/ and val/); default: bundled digits")
     val: str | None = _f(None, "validation image folder (default: DATA/val, or a held-out part of DATA)")
-    val_fraction: float = _f(0.1, "held-out fraction of DATA when there is no validation folder")
-    train_fraction: float = _f(1.0, "train on this per-class fraction of the labelled images")
-    workers: int = _f(2, "data loader worker processes")
+    val_fraction: float = _f(0.1, "held-out fraction of DATA when there is no validation folder", gt=0, lt=1)
+    train_fraction: float = _f(1.0, "train on this per-class fraction of the labelled images", gt=0, le=1)
+    workers: int = _f(2, "data loader worker processes", ge=0)
     auto_augment: str | None = _f("rand-m9-mstd0.5-inc1", "timm RandAugment spec ('none' to turn off)")
-    color_jitter: float = _f(0.4, "colour jitter strength (timm applies it only without RandAugment)")
-    reprob: float = _f(0.25, "random erasing probability")
-    crop_scale: float = _f(0.08, "smallest area fraction of RandomResizedCrop")
-    hflip: float = _f(0.5, "horizontal flip probability")
-    mixup: float = _f(0.8, "mixup alpha (0: off)")
-    cutmix: float = _f(1.0, "cutmix alpha (0: off)")
-    label_smoothing: float = _f(0.1, "label smoothing")
-    crop_pct: float = _f(0.875, "evaluation: centre-crop fraction (1.0: resize straight to the size)")
-    mask_ratio: float = _f(0.6, "pretrain: fraction of 32px mask patches hidden")
-    mask_patch: int = _f(32, "pretrain: mask patch size in pixels")
-    norm_target_window: int | None = _f(47, "pretrain: local target normalisation window (None: off)")
+    color_jitter: float = _f(0.4, "colour jitter strength (timm applies it only without RandAugment)", ge=0)
+    reprob: float = _f(0.25, "random erasing probability", ge=0, le=1)
+    crop_scale: float = _f(0.08, "smallest area fraction of RandomResizedCrop", gt=0, le=1)
+    hflip: float = _f(0.5, "horizontal flip probability", ge=0, le=1)
+    mixup: float = _f(0.8, "mixup alpha (0: off)", ge=0)
+    cutmix: float = _f(1.0, "cutmix alpha (0: off)", ge=0)
+    label_smoothing: float = _f(0.1, "label smoothing", ge=0, lt=1)
+    crop_pct: float = _f(0.875, "evaluation: centre-crop fraction (1.0: resize straight to the size)", gt=0, le=1)
+    mask_ratio: float = _f(0.6, "pretrain: fraction of 32px mask patches hidden", gt=0, lt=1)
+    mask_patch: int = _f(32, "pretrain: mask patch size in pixels", ge=1, le=MAX_IMG_SIZE)
+    norm_target_window: int | None = _f(47, "pretrain: local target normalisation window, odd (None: off)", ge=3,
+                                         le=MAX_IMG_SIZE)
     # -- optimisation ---------------------------------------------------------------------
-    epochs: int = _f(300, "training epochs")
-    warmup_epochs: float = _f(20, "linear warmup length in epochs (stepped per update)")
-    batch_size: int = _f(128, "images per process per forward")
-    accum_steps: int = _f(1, "gradient accumulation: forwards per optimizer update")
-    lr: float = _f(5e-4, "base learning rate per 512 images of global batch (scaled linearly)")
-    warmup_lr: float = _f(5e-7, "learning rate at step 0, per 512 images")
-    min_lr: float = _f(5e-6, "final learning rate of the cosine, per 512 images")
-    weight_decay: float = _f(0.05, "AdamW weight decay (not on norms, biases, logit scales, CPB MLP, pos. emb.)")
-    betas: list[float] = _f((0.9, 0.999), "AdamW betas")
-    eps: float = _f(1e-8, "AdamW epsilon")
-    clip_grad: float | None = _f(5.0, "clip the global gradient norm (None: off)")
-    layer_decay: float = _f(1.0, "layer-wise learning-rate decay (finetune; 1.0: off)")
-    scheduler: str = _f("cosine", "cosine, multistep or constant (after warmup)")
-    milestones: list[float] = _f((), "multistep: epochs at which the learning rate is multiplied by gamma")
-    gamma: float = _f(0.1, "multistep: decay factor")
+    epochs: int = _f(300, "training epochs", ge=1)
+    warmup_epochs: float = _f(20, "linear warmup length in epochs (stepped per update)", ge=0)
+    batch_size: int = _f(128, "images per process per forward", ge=1)
+    accum_steps: int = _f(1, "gradient accumulation: forwards per optimizer update", ge=1)
+    lr: float = _f(5e-4, "base learning rate per 512 images of global batch (scaled linearly)", gt=0)
+    warmup_lr: float = _f(5e-7, "learning rate at step 0, per 512 images", ge=0)
+    min_lr: float = _f(5e-6, "final learning rate of the cosine, per 512 images", ge=0)
+    weight_decay: float = _f(0.05, "AdamW weight decay (not on norms, biases, logit scales, CPB MLP, pos. emb.)",
+                              ge=0)
+    betas: list[float] = _f((0.9, 0.999), "AdamW betas (two values)", ge=0, lt=1)
+    eps: float = _f(1e-8, "AdamW epsilon", gt=0)
+    clip_grad: float | None = _f(5.0, "clip the global gradient norm (None: off)", gt=0)
+    layer_decay: float = _f(1.0, "layer-wise learning-rate decay (finetune; 1.0: off)", gt=0, le=1)
+    scheduler: str = _f("cosine", "cosine, multistep or constant (after warmup)", choices=SCHEDULERS)
+    milestones: list[float] = _f((), "multistep: epochs at which the learning rate is multiplied by gamma", ge=0)
+    gamma: float = _f(0.1, "multistep: decay factor", gt=0)
     scale_lr: bool = _f(True, "scale lr, warmup_lr and min_lr by global batch / 512 (official)")
     amp: str = _f("auto", "mixed precision: auto (bf16 where the device has native bf16, else none), bf16 "
-                          "(CPU and GPU), fp16 (GPU, with loss scaling) or none")
-    ema: float = _f(0.0, "exponential moving average decay of the weights (0: off), evaluated alongside")
+                          "(CPU and GPU), fp16 (GPU, with loss scaling) or none", choices=AMP_MODES)
+    ema: float = _f(0.0, "exponential moving average decay of the weights (0: off), evaluated alongside", ge=0,
+                    lt=1)
     # -- run ------------------------------------------------------------------------------
     output: str = _f("runs/run", "run folder: checkpoints, metrics.jsonl, TensorBoard, plots "
                                  "(command line default: runs/TASK-DATE-TIME)")
     resume: bool = _f(False, "continue the run in --output from its last checkpoint")
-    seed: int = _f(0, "seed of everything: sampling, augmentation, mixup, stochastic depth")
-    device: str = _f("auto", "cpu, cuda, cuda:N or auto")
-    threads: int = _f(0, "torch CPU threads (0: torch's default)")
+    seed: int = _f(0, "seed of everything: sampling, augmentation, mixup, stochastic depth", ge=0, lt=2**32)
+    device: str = _f("auto", "cpu, cuda, cuda:N, mps or auto")
+    threads: int = _f(0, "torch CPU threads (0: torch's default)", ge=0)
     compile: bool = _f(False, "torch.compile the model")
-    eval_every: int = _f(1, "validate every N epochs (and after the last)")
-    save_every_steps: int = _f(0, "also checkpoint every N optimizer updates (0: at epoch ends only)")
-    log_every: int = _f(10, "log training metrics every N updates")
-    max_steps: int | None = _f(None, "stop after this many updates (for smoke tests and debugging)")
+    eval_every: int = _f(1, "validate every N epochs (and after the last)", ge=1)
+    save_every_steps: int = _f(0, "also checkpoint every N optimizer updates (0: at epoch ends only)", ge=0)
+    log_every: int = _f(10, "log training metrics every N updates", ge=1)
+    max_steps: int | None = _f(None, "stop after this many updates (for smoke tests and debugging)", ge=1)
     tensorboard: bool = _f(True, "write TensorBoard logs")
     progress: bool = _f(True, "show progress bars")
     sharding: str = _f("none", "across torchrun processes: zero1 (optimizer states), fsdp (everything) or "
-                               "deepspeed (DeepSpeed ZeRO stage 1 or 2, see --deepspeed-config)")
+                               "deepspeed (DeepSpeed ZeRO stage 1 or 2, see --deepspeed-config)", choices=SHARDING)
     deepspeed_config: str | None = _f(None, "with --sharding deepspeed: DeepSpeed JSON config, its zero_optimization "
                                             "section (default: ZeRO stage 1)")
 
     def __post_init__(self):
-        self.betas = tuple(float(b) for b in self.betas)
-        self.milestones = tuple(float(m) for m in self.milestones)
-        checks = [
-            (self.task in TASKS, f"task must be one of {TASKS}"),
-            (self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}"),
-            (self.scheduler in SCHEDULERS, f"scheduler must be one of {SCHEDULERS}"),
-            (self.sharding in SHARDING, f"sharding must be one of {SHARDING}"),
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.accum_steps >= 1, "accum_steps must be >= 1"),
-            (self.lr > 0, "lr must be > 0"),
-            (0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]"),
-            (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
-            (0 < self.train_fraction <= 1, "train_fraction must be in (0, 1]"),
-            (0 < self.crop_pct <= 1, "crop_pct must be in (0, 1]"),
-            (0 <= self.ema < 1, "ema must be in [0, 1)"),
-            (0 < self.mask_ratio < 1, "mask_ratio must be in (0, 1)"),
-            (len(self.betas) == 2, "betas needs two values"),
-            (self.workers >= 0, "workers must be >= 0"),
-            (self.clip_grad is None or self.clip_grad > 0, "clip_grad must be > 0 (or None)"),
-            (self.task != "finetune" or self.checkpoint, "finetune needs --checkpoint"),
-            (self.sharding != "deepspeed" or self.amp != "fp16",
-             "sharding deepspeed: use --amp auto, bf16 or none (fp16 loss scaling is not wired through DeepSpeed)"),
-            (self.sharding != "deepspeed" or not self.compile, "sharding deepspeed: --compile is not supported"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"config: {message}")
+        """Check every field against its type and range (a one-line ConfigError naming the flag),
+        converting what a recipe may spell loosely: ``5e-4`` (which YAML reads as a string), ``300.0``."""
+        for f in fields(self):
+            setattr(self, f.name, _checked(f, getattr(self, f.name)))
+        if len(self.betas) != 2:
+            raise ConfigError("betas", "needs two values", list(self.betas))
+        if self.norm_target_window is not None and self.norm_target_window % 2 == 0:
+            raise ConfigError("norm_target_window", "must be odd (a window centred on each pixel)",
+                              self.norm_target_window)
+        if self.auto_augment is not None and self.auto_augment.lower() in ("", "none"):
+            self.auto_augment = "none"
+        if not self.output:
+            raise ConfigError("output", "must name a folder", self.output)
+        _check_device_name(self.device)
+        if self.task == "finetune" and not self.checkpoint:
+            raise ValueError("finetune needs --checkpoint (the weights to start from)")
+        if self.sharding == "deepspeed" and self.amp == "fp16":
+            raise ValueError("--sharding deepspeed: use --amp auto, bf16 or none (fp16 loss scaling is not wired "
+                             "through DeepSpeed)")
+        if self.sharding == "deepspeed" and self.compile:
+            raise ValueError("--sharding deepspeed: --compile is not supported")
 
     # -- io -------------------------------------------------------------------------------
 
@@ -147,14 +168,116 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
-        return cls.from_dict({**read_recipe(path), **overrides})
+        """The recipe at ``path`` with ``overrides``; a bad value of the recipe's own is reported
+        with the file's name."""
+        recipe = read_recipe(path)
+        return _from_recipe(path, recipe, {**recipe, **overrides}, set(recipe) - set(overrides))
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _from_recipe(path, recipe: dict, values: dict, from_recipe: set) -> TrainConfig:
+    """``TrainConfig.from_dict(values)``, naming the recipe file in the error when the bad value
+    (or an unknown field) is one of ``from_recipe``, the fields the file set and no flag overrode."""
+    unknown = sorted(set(recipe) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"recipe {path}: unknown fields {unknown} (see `swinv2 train --help`)")
+    try:
+        return TrainConfig.from_dict(values)
+    except ConfigError as err:
+        if err.name in from_recipe:
+            raise err.in_recipe(path) from None
+        raise
+
+
 def _plain(value):
     return list(value) if isinstance(value, tuple) else value
+
+
+def _range_text(bounds: dict) -> str | None:
+    lo = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
+    hi = (bounds["le"], "]") if "le" in bounds else (bounds["lt"], ")") if "lt" in bounds else None
+    if lo and hi:
+        return f"must be in {lo[0]}{lo[1]}, {hi[0]}{hi[1]}"
+    if lo:
+        return f"must be {'>=' if lo[0] == '[' else '>'} {lo[1]}"
+    if hi:
+        return f"must be {'<=' if hi[1] == ']' else '<'} {hi[0]}"
+    return None
+
+
+def _in_range(value, bounds: dict) -> bool:
+    return not (("ge" in bounds and value < bounds["ge"]) or ("gt" in bounds and value <= bounds["gt"])
+                or ("le" in bounds and value > bounds["le"]) or ("lt" in bounds and value >= bounds["lt"]))
+
+
+def _scalar(kind, name: str, value):
+    """``value`` as ``kind`` (int, float, bool or str), or a ConfigError. Booleans are never
+    numbers here (YAML's ``yes`` is a bool), and strings are read as numbers only for numeric fields."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(name, "must be true or false", value)
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(name, "must be a string", value)
+    if isinstance(value, bool):
+        raise ConfigError(name, "must be an integer" if kind is int else "must be a number", value)
+    if kind is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(name, "must be an integer", value)
+    if not isinstance(value, (int, float, str)):
+        raise ConfigError(name, "must be a number", value)
+    try:
+        value = float(value)
+    except (ValueError, OverflowError):
+        raise ConfigError(name, "must be a number", value) from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(name, "must be a finite number", value)
+    return value
+
+
+def _checked(f: dataclasses.Field, value):
+    """A field's value converted to its annotated type and checked against its range."""
+    kind, optional, is_list = _field_type(f)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f.name, "needs a value", value)
+    bounds = {k: v for k, v in f.metadata.items() if k in ("ge", "gt", "le", "lt")}
+    if "choices" in f.metadata and value not in f.metadata["choices"]:
+        raise ConfigError(f.name, f"must be one of {', '.join(f.metadata['choices'])}", value)
+    if is_list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f.name, "must be a list", value)
+        items = [_scalar(kind, f.name, v) for v in value]
+        if not all(_in_range(v, bounds) for v in items):
+            raise ConfigError(f.name, f"values {_range_text(bounds)}", list(value))
+        return tuple(items) if isinstance(f.default, tuple) else items
+    value = _scalar(kind, f.name, value)
+    if bounds and not _in_range(value, bounds):
+        raise ConfigError(f.name, _range_text(bounds), value)
+    return value
+
+
+def _check_device_name(device: str) -> None:
+    """The form of ``--device`` (whether this machine has it is checked when a run starts:
+    a config read back from a GPU run's checkpoint stays readable on a CPU machine)."""
+    kind, colon, index = device.partition(":")
+    numbered = index.isdigit() and (kind != "cpu" or index == "0")
+    if device == "auto" or (kind in DEVICE_TYPES and (not colon or numbered)):
+        return
+    raise ConfigError("device", f"must be auto, {', '.join(DEVICE_TYPES)} or TYPE:N (e.g. cuda:1)", device)
 
 
 def read_recipe(path: str | os.PathLike) -> dict:
@@ -184,9 +307,14 @@ def write_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
 # -- command line ---------------------------------------------------------------------------
 
 
+@functools.cache
+def _hints() -> dict:
+    return typing.get_type_hints(TrainConfig)
+
+
 def _field_type(f: dataclasses.Field):
     """(base type, is_optional, is_list) of a field annotation like ``int | None``."""
-    hint = typing.get_type_hints(TrainConfig)[f.name]
+    hint = _hints()[f.name]
     args = typing.get_args(hint)
     optional = type(None) in args
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
@@ -227,18 +355,33 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude=()) -> None:
 
 
 def config_from_args(args: argparse.Namespace, **fixed) -> TrainConfig:
-    values = read_recipe(args.config) if getattr(args, "config", None) else {}
+    path = getattr(args, "config", None)
+    recipe = read_recipe(path) if path else {}
+    values = dict(recipe)
     for f in fields(TrainConfig):
         if hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
     task = fixed.get("task")
     recipe_task = values.get("task", task)
+    if recipe_task is not None and recipe_task not in TASKS:
+        raise ConfigError("task", f"must be one of {', '.join(TASKS)}", recipe_task).in_recipe(path)
     # A supervised recipe also serves fine-tuning; SimMIM and supervised recipes do not mix.
     if task and recipe_task != task and not (recipe_task == "train" and task == "finetune"):
         raise ValueError(
             f"{args.config} is a {values['task']} recipe: run it with `swinv2 {values['task']} --config {args.config}`"
         )
     values.update(fixed)
-    cfg = TrainConfig.from_dict(values)
-    cfg._given = {f.name for f in fields(TrainConfig) if hasattr(args, f.name)}  # what the user typed
+    given = {f.name for f in fields(TrainConfig) if hasattr(args, f.name)}  # what the user typed
+    cfg = _from_recipe(path, recipe, values, set(recipe) - given - set(fixed))
+    cfg._given = given
+    cfg._recipe = path if recipe else None
     return cfg
+
+
+def blame(cfg: TrainConfig, err: ConfigError) -> ValueError:
+    """``err`` about a field of ``cfg`` (found after the config was built, e.g. an augmentation
+    spec timm refuses), naming the recipe file when the value came from it."""
+    recipe = getattr(cfg, "_recipe", None)
+    if recipe and err.name not in getattr(cfg, "_given", ()):
+        return err.in_recipe(recipe)
+    return err

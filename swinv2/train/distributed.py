@@ -43,17 +43,44 @@ class Dist:
         return self.world_size > 1
 
 
+def check_device(device: str) -> torch.device:
+    """``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``xpu``) as a device this machine
+    has, or a one-line ValueError saying why not: checked before anything is built, so that a
+    missing GPU is not found by the first tensor moved to it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"--device {device!r} is not a device: use auto, cpu, cuda, cuda:N, mps or xpu")
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "mps":
+        available, count = torch.backends.mps.is_available(), 1
+    else:
+        backend = getattr(torch, dev.type)  # torch.cuda, torch.xpu
+        available = backend.is_available()
+        count = backend.device_count() if available else 0
+    if not available:
+        raise ValueError(f"--device {device}: this machine has no {dev.type.upper()} device that torch "
+                         f"{torch.__version__} can use; use --device cpu (or auto)")
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"--device {device}: this machine has {count} {dev.type.upper()} device(s), "
+                         f"{dev.type}:0 to {dev.type}:{count - 1}")
+    return dev
+
+
 def setup(device: str = "auto") -> Dist:
     """Join torchrun's process group if the environment names one; choose the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = check_device(device)
     if dev.type == "cuda":
         if dev.index is None:
-            dev = torch.device("cuda", local)
+            dev = check_device(f"cuda:{local}")  # torchrun: one GPU per local process
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
