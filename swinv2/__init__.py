@@ -1,6 +1,7 @@
 """Swin Transformer V2 in PyTorch: exact to the official numerics, any input size."""
 
 from . import convert, hf_folder, hub
+from .fileio import WriteError
 from .hf_folder import save_hf_folder
 from .hub import (
     DownloadError,
@@ -11,7 +12,14 @@ from .hub import (
     load_model,
     save_pretrained,
 )
-from .loading import CheckpointError, LoadReport, StateDictMismatchError, load_pretrained
+from .loading import (
+    CheckpointError,
+    LoadReport,
+    NonFiniteWeightsWarning,
+    StateDictMismatchError,
+    UnsafeCheckpointError,
+    load_pretrained,
+)
 from .model import SwinTransformerV2
 from .simmim import MaskGenerator, SimMIM
 from .variants import create_model, list_models
@@ -22,10 +30,13 @@ __all__ = [
     "DownloadError",
     "LoadReport",
     "MaskGenerator",
+    "NonFiniteWeightsWarning",
     "PretrainedWeights",
     "SimMIM",
     "StateDictMismatchError",
     "SwinTransformerV2",
+    "UnsafeCheckpointError",
+    "WriteError",
     "convert",
     "create_model",
     "download",
