@@ -64,3 +64,22 @@ def official_fixture(name: str):
     tensors = load_file(FIXTURES / f"{name}.safetensors")
     extras = {k: tensors.pop(k) for k in list(tensors) if k.startswith("__")}
     return config, tensors, extras
+
+
+def poison_loss_after(monkeypatch, calls: int) -> None:
+    """Make the training criterion return NaN from its ``calls + 1``-th call on."""
+    from swinv2.data import mixup as sampling
+
+    real = sampling.train_criterion
+
+    def poisoned(mixup, smoothing):
+        loss_fn, seen = real(mixup, smoothing), []
+
+        def fn(logits, targets):
+            seen.append(1)
+            loss = loss_fn(logits, targets)
+            return loss * float("nan") if len(seen) > calls else loss
+
+        return fn
+
+    monkeypatch.setattr(sampling, "train_criterion", poisoned)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import poison_loss_after
 
 from swinv2 import fileio
 from swinv2.cli import main as cli
@@ -339,21 +340,7 @@ def test_training_without_tensorboard_and_matplotlib(tmp_path, monkeypatch, caps
 def test_a_run_that_diverges_before_its_first_checkpoint_keeps_its_metrics(tmp_path, monkeypatch):
     """A non-finite loss is a result, not a failed start: exit 3, and the folder keeps what was
     logged up to it."""
-    from swinv2.data import mixup as sampling
-
-    real = sampling.train_criterion
-
-    def poisoned(mixup, smoothing):
-        loss_fn, calls = real(mixup, smoothing), []
-
-        def fn(logits, targets):
-            calls.append(1)
-            loss = loss_fn(logits, targets)
-            return loss * float("nan") if len(calls) > 2 else loss
-
-        return fn
-
-    monkeypatch.setattr(sampling, "train_criterion", poisoned)
+    poison_loss_after(monkeypatch, 2)
     run = tmp_path / "run"
     assert supervised.main(_cfg(run)) == 3
     assert (run / "config.yaml").is_file() and not (run / ckpt.LAST).exists()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import poison_loss_after
 
 import swinv2
 from swinv2.tasks import supervised
@@ -232,21 +233,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from swinv2.data import mixup as sampling
-
-    real = sampling.train_criterion
-
-    def poisoned(mixup, smoothing):
-        loss_fn, calls = real(mixup, smoothing), []
-
-        def fn(logits, targets):
-            calls.append(1)
-            loss = loss_fn(logits, targets)
-            return loss * float("nan") if len(calls) > 5 else loss
-
-        return fn
-
-    monkeypatch.setattr(sampling, "train_criterion", poisoned)
+    poison_loss_after(monkeypatch, 5)
     cfg = _cfg(tmp_path, save_every_steps=2, max_steps=10)
     assert supervised.main(cfg) == 3
     state = torch.load(Path(cfg.output) / "checkpoint-last.pt", weights_only=True)
