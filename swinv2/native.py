@@ -254,7 +254,7 @@ def recording() -> str | None:
     TorchScript records it (a graph for elsewhere: PyTorch's own operators only)."""
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
         return "export"
-    if torch.compiler.is_exporting():  # torch >= 2.6, the package's floor
+    if torch.compiler.is_exporting():  # torch >= 2.7, the package's floor
         return "export"
     if torch.compiler.is_compiling():
         return "compile"
