@@ -2,29 +2,23 @@
 
 from . import convert, hf_folder, hub
 from .fileio import WriteError
+from .files import CheckpointError, UnsafeCheckpointError
 from .hf_folder import save_hf_folder
-from .hub import (
-    DownloadError,
-    PretrainedWeights,
-    download,
-    get_pretrained,
-    list_pretrained,
-    load_model,
-    save_pretrained,
-)
+from .hub import DownloadError, download, save_pretrained
 from .loading import (
-    CheckpointError,
     LoadReport,
     NonFiniteWeightsWarning,
     StateDictMismatchError,
-    UnsafeCheckpointError,
+    load_model,
     load_pretrained,
 )
 from .model import SwinTransformerV2
+from .reading import Weights, read_weights
 from .simmim import MaskGenerator, SimMIM
 from .variants import create_model, list_models
+from .version import __version__
+from .weights import PretrainedWeights, get_pretrained, list_pretrained
 
-__version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "DownloadError",
@@ -36,7 +30,9 @@ __all__ = [
     "StateDictMismatchError",
     "SwinTransformerV2",
     "UnsafeCheckpointError",
+    "Weights",
     "WriteError",
+    "__version__",
     "convert",
     "create_model",
     "download",
@@ -47,6 +43,7 @@ __all__ = [
     "list_pretrained",
     "load_model",
     "load_pretrained",
+    "read_weights",
     "save_hf_folder",
     "save_pretrained",
 ]

@@ -268,8 +268,9 @@ def cmd_bench(args) -> int:
 
 def cmd_convert(args) -> int:
     from . import convert, hub
-    from .hf_folder import class_names, load_hf_folder, read_hf_config, save_hf_folder
-    from .loading import DERIVED_BUFFERS, read_state_dict, warn_nonfinite
+    from .hf_folder import class_names, read_hf_config, save_hf_folder
+    from .loading import DERIVED_BUFFERS, load_hf_folder, load_model, warn_nonfinite
+    from .reading import read_state_dict
 
     if not os.path.exists(args.input):
         raise FileNotFoundError(f"no such checkpoint file or folder: {args.input}")
@@ -283,7 +284,7 @@ def cmd_convert(args) -> int:
         names = class_names(read_hf_config(args.input))
     elif hub.is_swinv2_file(args.input):
         _check_from(args, "swinv2", "a swinv2 file")
-        model = hub.load_model(args.input)
+        model = load_model(args.input)
         state, fmt = model.state_dict(), "swinv2"
         meta = hub.read_metadata(args.input)
         names = json.loads(meta["class_names"]) if meta.get("class_names") else None
@@ -387,8 +388,9 @@ def _size_overrides(args) -> dict:
 
 def cmd_pretrained(args) -> int:
     from . import hub
+    from .weights import get_pretrained, list_pretrained
 
-    weights = [hub.get_pretrained(n) for n in hub.list_pretrained(args.pattern)]
+    weights = [get_pretrained(n) for n in list_pretrained(args.pattern)]
     if args.json:
         print(json.dumps([w.as_dict() for w in weights], indent=2))
         return 0

@@ -4,9 +4,11 @@ A folder holds ``config.json`` (a ``Swinv2Config``, ``model_type`` "swinv2") and
 the transformers layout (:mod:`swinv2.convert.hf`): ``model.safetensors``, the shards listed in
 ``model.safetensors.index.json``, or ``pytorch_model.bin`` (read with ``weights_only``).
 
-- :func:`load_hf_folder`: rebuild a :class:`SwinTransformerV2` from ``config.json`` alone and
-  load the weights (``create_model(pretrained=folder)`` comes here);
-- :func:`read_hf_weights`: the folder's tensors, for ``load_pretrained(model, folder)``;
+- :func:`read_hf_config`, :func:`read_hf_weights`, :func:`model_kwargs_from_hf`: the folder's
+  config, its tensors and the constructor arguments they describe, for the reader
+  (:mod:`swinv2.reading`), through which ``create_model(pretrained=folder)`` and
+  ``load_pretrained(model, folder)`` read it; :func:`norm_layer_for`, :func:`match_fixed_eps`
+  and :func:`warn_window_mismatch` finish a model built from such a config;
 - :func:`save_hf_folder`: write ``config.json`` + ``model.safetensors`` that
   ``Swinv2ForImageClassification.from_pretrained`` (or ``Swinv2Model`` without a head) loads.
 
@@ -14,14 +16,13 @@ transformers fixes each stage's window and shift when it builds the model, from
 ``image_size``: the map of stage i is taken as ``grid // 2**i`` (rounded down) and the window
 shrinks to it on axis 0 only, the same square window serving both axes. swinv2 derives them
 from the actual map at forward time (rounded up). The two agree on square images whose grid
-halves evenly at every stage (all released checkpoints); otherwise :func:`load_hf_folder` warns,
+halves evenly at every stage (all released checkpoints); otherwise a model built from the folder warns,
 naming the stages, and the outputs differ there. At other input sizes transformers keeps the
 windows it was built with, where swinv2 recomputes them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -34,11 +35,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .convert import from_official
 from .fileio import give_default_mode, save_safetensors, write_error
+from .files import CheckpointError, read_checkpoint, unwrap_state_dict
 from .layers import to_2tuple
-from .loading import CheckpointError, StateDictMismatchError, load_pretrained, read_state_dict
 from .model import SwinTransformerV2
-from .model_config import check_model_config, check_weights_fit
+from .model_config import check_model_config
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -110,9 +112,13 @@ def read_hf_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
         if not path.is_file():
             continue
         if not name.endswith(".index.json"):
-            return read_state_dict(path)
+            return _read_tensors(path)
         return _read_shards(path)
     raise CheckpointError(f"{folder} has a {CONFIG_NAME} but no weights: none of {', '.join(WEIGHTS_NAMES)}")
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return unwrap_state_dict(read_checkpoint(path), source=os.fspath(path))
 
 
 def _read_shards(index_path: Path) -> dict[str, torch.Tensor]:
@@ -126,7 +132,7 @@ def _read_shards(index_path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{index_path} lists shards that are not in the folder: {', '.join(missing)}")
     state: dict[str, torch.Tensor] = {}
     for name in files:
-        state.update(read_state_dict(index_path.parent / name))
+        state.update(_read_tensors(index_path.parent / name))
     absent = sorted(set(weight_map) - set(state))
     if absent:
         raise CheckpointError(f"{index_path}: {len(absent)} tensors it lists are in no shard, e.g. {absent[:3]}")
@@ -228,55 +234,23 @@ def config_differences(model: SwinTransformerV2, config: Mapping, source: str = 
     return out
 
 
-def load_hf_folder(
-    folder: str | os.PathLike,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    **overrides,
-) -> SwinTransformerV2:
-    """Rebuild the model of a transformers SwinV2 folder from its ``config.json`` and load its
-    weights strictly. The head follows the weights (``classifier``: its rows; none: no head).
-
-    ``overrides``: constructor arguments to change; a different ``num_classes`` leaves the head
-    freshly initialised. ``dtype``: default, the weights' floating dtype. Warns when
-    transformers' build-time windows differ from swinv2's at the config's image size.
-    """
-    folder = Path(folder)
-    config = read_hf_config(folder)
-    state = read_hf_weights(folder)
-    kwargs = model_kwargs_from_hf(config, source=os.fspath(folder / CONFIG_NAME))
-    head = state.get("classifier.weight")
-    kwargs["num_classes"] = int(head.shape[0]) if head is not None else 0
-    check_weights_fit(kwargs, state, os.fspath(folder))
+def norm_layer_for(config: Mapping):
+    """The ``norm_layer`` that gives a model the block and final LayerNorm eps of ``config``
+    (``layer_norm_eps``), or None for the default 1e-5. transformers keeps 1e-5 in the
+    patch-embedding and merging norms: :func:`match_fixed_eps` sets them back once built."""
     eps = float(config.get("layer_norm_eps", HF_DEFAULTS["layer_norm_eps"]))
-    if eps != _FIXED_EPS:
-        kwargs["norm_layer"] = functools.partial(nn.LayerNorm, eps=eps)
-    drop_head = "num_classes" in overrides and overrides["num_classes"] != kwargs["num_classes"]
-    kwargs.update(overrides)
-    try:
-        with torch.device(device) if device is not None else contextlib.nullcontext():
-            model = SwinTransformerV2(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{folder / CONFIG_NAME} cannot build a SwinTransformerV2: {err}") from err
-    if "norm_layer" in kwargs and "norm_layer" not in overrides:
-        for norm in [model.patch_embed.norm] + [s.downsample.norm for s in model.layers if s.downsample]:
-            norm.eps = _FIXED_EPS
-    floating = {t.dtype for t in state.values() if t.is_floating_point()}
-    if dtype is None and len(floating) == 1:
-        dtype = floating.pop()
-    if dtype is not None:
-        model.to(dtype)
-    if not {"img_size", "window_size", "window_rule", "patch_size"} & set(overrides):
-        _warn_window_mismatch(model, config, folder)
-    try:
-        load_pretrained(model, state, strict=True, fmt="hf", head="drop" if drop_head else "keep",
-                        name=os.fspath(folder))
-    except StateDictMismatchError as err:
-        raise StateDictMismatchError(f"{folder}: {err}") from err
-    return model
+    return functools.partial(nn.LayerNorm, eps=eps) if eps != _FIXED_EPS else None
 
 
-def _warn_window_mismatch(model: SwinTransformerV2, config: Mapping, where: Path) -> None:
+def match_fixed_eps(model: SwinTransformerV2) -> None:
+    """Give the patch-embedding and merging norms of ``model`` transformers' fixed eps (1e-5)."""
+    for norm in [model.patch_embed.norm] + [s.downsample.norm for s in model.layers if s.downsample]:
+        norm.eps = _FIXED_EPS
+
+
+def warn_window_mismatch(model: SwinTransformerV2, config: Mapping, where: str | os.PathLike) -> None:
+    """Warn, naming the stages, where the windows transformers fixes at build time from
+    ``config`` differ from those ``model`` derives (see the module docstring)."""
     theirs = hf_stage_windows(config)
     ours = model.stage_windows()
     differ = [
@@ -360,8 +334,6 @@ def _norm_eps(model: SwinTransformerV2, problems: list[str]) -> float:
 
 def hf_state_dict(model: SwinTransformerV2) -> dict[str, torch.Tensor]:
     """``model``'s weights in transformers' names (bare ``Swinv2Model`` names without a head)."""
-    from .convert import from_official
-
     state = from_official(model.state_dict(), "hf")
     if not model.num_classes:
         state = {k.removeprefix("swinv2."): v for k, v in state.items()}
@@ -384,7 +356,7 @@ def save_hf_folder(
     folder = Path(folder)
     config = hf_config_from_model(model, class_names)
     state = hf_state_dict(model)
-    _warn_window_mismatch(model, config, folder)
+    warn_window_mismatch(model, config, folder)
     if folder.exists():
         if not folder.is_dir():
             raise FileExistsError(f"{folder} exists and is not a folder")

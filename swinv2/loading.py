@@ -1,12 +1,18 @@
-"""Loading state dicts into a SwinTransformerV2, with a report of what happened.
+"""The one loader: weights from any source into a model, with a report of what happened.
 
-Files are read without running code: safetensors, or ``torch.load(weights_only=True)``. Any
-layout :mod:`swinv2.convert` knows (official, SimMIM, timm, transformers, torchvision,
-mmpretrain) is detected and converted to the official one first.
+:func:`load_pretrained` reads the source with :func:`swinv2.reading.read_weights` (files are
+never run: safetensors, or ``torch.load(weights_only=True)``), converts any layout
+:mod:`swinv2.convert` knows (official, SimMIM, timm, transformers, torchvision, mmpretrain) to
+the official one, and loads it into a :class:`~swinv2.SwinTransformerV2` or a
+:class:`~swinv2.SimMIM`. :func:`build_model` rebuilds the model a source describes (a swinv2
+file, a training checkpoint, a transformers folder) and loads it; :func:`load_model` and
+:func:`load_hf_folder` are that for one kind of source each.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -16,35 +22,32 @@ import torch
 from torch import nn
 
 from .convert import DERIVED_BUFFERS, UnknownFormatError, detect_format, to_official
+from .files import CheckpointError, is_safetensors, read_safetensors_metadata
+from .hf_folder import CONFIG_NAME, config_differences, match_fixed_eps, norm_layer_for, warn_window_mismatch
 from .layers import relative_coords_table
+from .model import SwinTransformerV2
+from .reading import Weights, read_weights
+from .simmim import SimMIM
 
-# DERIVED_BUFFERS (re-exported here): buffers the official code stores in checkpoints; swinv2
-# derives them from the input size and window at forward time, so they are dropped on load.
+# DERIVED_BUFFERS: buffers the official code stores in checkpoints; swinv2 derives them from the
+# input size and window at forward time, so they are dropped on load.
 HEAD_MODES = ("keep", "auto", "drop")
 HEAD_PREFIX = "head."
+# Constructor arguments that change the windows transformers would build from a config.json.
+_WINDOW_SETTINGS = ("img_size", "window_size", "window_rule", "patch_size")
 __all__ = [
     "DERIVED_BUFFERS",
     "HEAD_MODES",
-    "CheckpointError",
     "LoadReport",
     "NonFiniteWeightsWarning",
     "StateDictMismatchError",
-    "UnsafeCheckpointError",
+    "build_model",
+    "load_hf_folder",
+    "load_model",
     "load_pretrained",
     "nonfinite_tensors",
-    "read_checkpoint",
-    "read_state_dict",
-    "unwrap_state_dict",
     "warn_nonfinite",
 ]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read, or whose contents are not a state dict."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A pickle that refers to Python objects other than tensors: refused, never unpickled."""
 
 
 class StateDictMismatchError(ValueError):
@@ -133,236 +136,9 @@ def _name_list(title: str, names: list[str], limit: int = 20) -> list[str]:
     return [f"{len(names)} {title}:"] + shown
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file (safetensors, or a torch file read with weights_only; see
-    :func:`read_checkpoint`), or of a Hugging Face model folder (see :mod:`swinv2.hf_folder`)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        from .hf_folder import read_hf_weights  # imported here: hf_folder uses this module
-
-        return read_hf_weights(path)
-    return unwrap_state_dict(read_checkpoint(path), source=path)
-
-
-# What a file starts with: safetensors (an 8-byte little-endian header length, then the JSON
-# header), a zip archive (torch.save since 1.6), or a pickle (torch.save's older format).
-_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
-_PICKLE_PROTO = 0x80
-# How much pickle data is scanned to name the Python objects of a refused file.
-_SCAN_LIMIT = 64 << 20
-
-
-def read_checkpoint(path: str | os.PathLike):
-    """The content of a checkpoint file, read without running code from it: a safetensors
-    file gives its dict of tensors, a torch file what ``torch.load(weights_only=True)`` gives
-    (tensors in plain containers, numbers, strings).
-
-    Every file that cannot be read gets one line naming it: missing (FileNotFoundError), a
-    folder, empty, neither safetensors nor a torch file, truncated or damaged
-    (:class:`CheckpointError`); a pickle naming Python objects other than tensors is refused
-    (:class:`UnsafeCheckpointError`) without unpickling them.
-    """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if not os.path.isfile(path):  # a FIFO or a device would block or never end
-        raise CheckpointError(f"{path} is not a regular file, so not a checkpoint")
-    size = os.path.getsize(path)
-    if size == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes), not a checkpoint")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if _is_safetensors_head(head):
-        return _read_safetensors(path)
-    if head.startswith(_ZIP_MAGIC) or head[:1] == bytes([_PICKLE_PROTO]):
-        return _read_torch(path, zipped=head.startswith(_ZIP_MAGIC))
-    raise CheckpointError(f"{path} is not a readable checkpoint (neither safetensors nor a PyTorch file)")
-
-
-def _is_safetensors_head(head: bytes) -> bool:
-    # safetensors refuses headers of 100 MB or more, so a larger length is not one
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000
-
-
-def check_safetensors_length(path: str | os.PathLike) -> None:
-    """CheckpointError when a file that starts like safetensors is shorter than the header it
-    announces (cut while it was written or copied)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-    if 8 + header_len > size:
-        raise CheckpointError(
-            f"{os.fspath(path)} is a truncated safetensors file: its header announces {header_len} bytes, "
-            f"the file has {size}"
-        )
-
-
-def safetensors_error(path: str | os.PathLike, err: Exception) -> CheckpointError:
-    """The one-line error for a safetensors file that safetensors cannot read."""
-    reason = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-    return CheckpointError(f"{os.fspath(path)} is a truncated or damaged safetensors file ({type(err).__name__}: "
-                           f"{reason})")
-
-
-def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    check_safetensors_length(path)
-    try:
-        return load_file(path, device="cpu")
-    except Exception as err:  # noqa: BLE001 - every reader failure becomes one clear message
-        raise safetensors_error(path, err) from err
-
-
-def _read_torch(path: str, zipped: bool):
-    import pickle
-    import zipfile
-
-    if zipped and not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path} is a truncated or damaged PyTorch file (its zip directory is missing)")
-    if zipped and _zip_pickle_name(path) is None:
-        raise CheckpointError(f"{path} is a zip archive but not a PyTorch file (it has no data.pkl)")
-    try:
-        with warnings.catch_warnings():  # torch's remark on an unusual pickle protocol, before our own error
-            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - every reader failure becomes one clear message
-        objects = _foreign_objects(path, zipped)
-        # torch names a refused global "GLOBAL module.name" in every release that has weights_only
-        if objects or (isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err)):
-            named = f" ({', '.join(objects[:3])}{', ...' if len(objects) > 3 else ''})" if objects else ""
-            raise UnsafeCheckpointError(
-                f"refused to load {path}: it contains Python objects other than tensors{named}; "
-                "only safetensors files and plain tensor files are read"
-            ) from None
-        if isinstance(err, pickle.UnpicklingError):
-            reason = "its pickle is damaged or was not written by torch.save"
-        else:
-            reason = _one_line(err)
-        raise CheckpointError(f"{path} is a truncated or damaged PyTorch file ({reason})") from err
-
-
-def _one_line(err: BaseException) -> str:
-    """The first line of an exception's message, without advice to load with weights_only=False."""
-    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-    if "weights_only" in text:
-        text = "torch.load refused it"
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def _foreign_objects(path: str, zipped: bool) -> list[str]:
-    """The Python objects (``module.name``) a torch file's pickle refers to beyond what
-    ``torch.load(weights_only=True)`` accepts, found by reading its opcodes (nothing is run);
-    [] when there are none or the pickle cannot be parsed."""
-    import zipfile
-
-    try:
-        if zipped:
-            name = _zip_pickle_name(path)
-            if name is None:
-                return []
-            with zipfile.ZipFile(path) as archive, archive.open(name) as f:
-                data = f.read(_SCAN_LIMIT)
-        else:
-            with open(path, "rb") as f:
-                data = f.read(_SCAN_LIMIT)
-    except (OSError, zipfile.BadZipFile, RuntimeError, ValueError):
-        return []
-    allowed = _tensor_globals()
-    return sorted({name for name in _pickle_globals(data) if name not in allowed})
-
-
-def _zip_pickle_name(path: str) -> str | None:
-    """The member of a torch zip archive that holds its pickle (``<name>/data.pkl``), or None."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
-    except (OSError, zipfile.BadZipFile, ValueError):
-        return None
-
-
-def _tensor_globals() -> set[str]:
-    """The ``module.name`` globals ``torch.load(weights_only=True)`` accepts."""
-    try:
-        from torch import _weights_only_unpickler
-
-        allowed = set(_weights_only_unpickler._get_allowed_globals())
-    except (ImportError, AttributeError):  # a torch without that helper: the few names every tensor file uses
-        allowed = set()
-    safe = getattr(torch.serialization, "get_safe_globals", lambda: [])()
-    allowed |= {f"{g.__module__}.{g.__qualname__}" if callable(g) else str(g) for g in safe if not isinstance(g, tuple)}
-    return allowed or {"collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch.FloatStorage"}
-
-
-def _pickle_globals(data: bytes) -> set[str]:
-    """``module.name`` of each global a pickle stream refers to (GLOBAL, INST, STACK_GLOBAL),
-    read with :mod:`pickletools` (which parses, never executes). A legacy torch file holds
-    several pickles one after the other; each is read."""
-    import io
-    import pickletools
-
-    found: set[str] = set()
-    stream = io.BytesIO(data)
-    for _ in range(5):  # legacy files: magic number, protocol, system info, the object, storage keys
-        pushed: list = []  # recent stack pushes: strings, or None for anything else
-        memo: dict = {}
-        try:
-            for op, arg, _pos in pickletools.genops(stream):
-                if op.name in ("GLOBAL", "INST"):
-                    found.add(_python3_name(*str(arg).split(" ", 1)))
-                elif op.name == "STACK_GLOBAL":
-                    if len(pushed) >= 2 and isinstance(pushed[-2], str) and isinstance(pushed[-1], str):
-                        found.add(_python3_name(pushed[-2], pushed[-1]))
-                    else:
-                        found.add("an unnamed global")
-                elif op.name == "MEMOIZE":
-                    memo[len(memo)] = pushed[-1] if pushed else None
-                elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                    memo[arg] = pushed[-1] if pushed else None
-                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
-                    pushed.append(memo.get(arg))
-                elif op.name == "STOP":
-                    break
-                else:
-                    is_text = isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name)
-                    pushed.append(arg if is_text else None)
-                del pushed[:-2]
-        except (ValueError, EOFError, UnicodeDecodeError):
-            break
-        if stream.tell() >= len(data):
-            break
-    return found
-
-
-def _python3_name(module: str, name: str = "") -> str:
-    # protocol 0-2 pickles name Python 2 modules, which unpickling maps to their Python 3 names
-    module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)
-    return f"{module}.{name}"
-
-
-def unwrap_state_dict(obj, source: str = "state dict") -> dict[str, torch.Tensor]:
-    """The state dict inside ``obj``: itself, or under 'model' / 'state_dict' / 'module'."""
-    for key in ("model", "state_dict", "module"):
-        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{source} holds no state dict (got {type(obj).__name__}, not a mapping of tensors)")
-    if not obj:
-        raise CheckpointError(f"{source} holds no tensors")
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise CheckpointError(f"{source}: entries that are not tensors: {bad[:5]}")
-    return dict(obj)
-
-
 def load_pretrained(
     model: nn.Module,
-    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    source,
     strict: bool = True,
     *,
     fmt: str | None = None,
@@ -370,14 +146,18 @@ def load_pretrained(
     head_map: Sequence[int] | torch.Tensor | str | os.PathLike | None = None,
     name: str | None = None,
 ) -> LoadReport:
-    """Load a state dict (a file, a Hugging Face model folder, or a mapping; bare or wrapped in
-    {'model': ...}) into ``model`` and return a :class:`LoadReport`.
+    """Load weights from ``source`` into ``model`` and return a :class:`LoadReport`.
+
+    ``source``: anything :func:`swinv2.reading.read_weights` reads: a file, a Hugging Face
+    folder, a URL, released weights (``arch.tag``), a Hub repository (``hf-hub:...``), a
+    training checkpoint, or a state dict (bare or wrapped in {'model': ...}).
 
     The layout is detected (or given as ``fmt``: official, simmim, swinv2, timm, hf, torchvision,
     mmpretrain) and converted to the official one by :mod:`swinv2.convert`; the report names
     the format and what the conversion did. Derived buffers are dropped (their coordinates
     checked against the model); a SimMIM checkpoint's decoder and mask token are left out,
-    unless ``model`` is a :class:`swinv2.simmim.SimMIM`, which loads them too.
+    unless ``model`` is a :class:`swinv2.SimMIM`, which loads them too (its encoder takes the
+    rest, with ``fmt``, ``head`` and ``head_map`` as here).
 
     ``head`` decides what happens to the classifier (``head.weight`` / ``head.bias``):
 
@@ -401,29 +181,27 @@ def load_pretrained(
     report and the warning call a mapping ``source`` (default "state dict"), e.g. the file
     it was read from.
     """
-    from .simmim import SimMIM  # imported here: simmim.py uses this module
-
-    if isinstance(model, SimMIM):  # encoder + mask token + decoder: SimMIM splits the checkpoint itself
-        return model.load_pretrained(source, strict, fmt=fmt, head=head, head_map=head_map)
     if head not in HEAD_MODES:
         raise ValueError(f"head must be one of {HEAD_MODES}, got {head!r}")
     if head_map is not None and head == "drop":
         raise ValueError("head_map selects rows of a head that head='drop' would not load")
-    if isinstance(source, Mapping):
-        name, state = name or "state dict", unwrap_state_dict(source, source=name or "state dict")
-    else:
-        name, state = os.fspath(source), read_state_dict(source)
+    weights = read_weights(source, name=name)
+    if isinstance(model, SimMIM):  # encoder + mask token + decoder
+        return _load_simmim(model, weights, strict, fmt, head, head_map)
+    return _load_network(model, weights, strict, fmt, head, head_map)
 
+
+def _load_network(model: nn.Module, weights: Weights, strict: bool, fmt: str | None, head: str,
+                  head_map) -> LoadReport:
+    """Convert ``weights`` to the official layout and load them into a network."""
     try:
-        report_format = detect_format(state) if fmt is None else fmt
+        report_format = fmt or weights.format or detect_format(weights.state)
     except UnknownFormatError as err:
-        raise UnknownFormatError(f"{name}: {err}") from None
-    state, notes = to_official(state, report_format)
-    report = LoadReport(source=name, format=report_format, notes=list(notes))
-    if not isinstance(source, Mapping) and os.path.isdir(name):
-        from .hf_folder import CONFIG_NAME, config_differences, read_hf_config
-
-        report.notes += config_differences(model, read_hf_config(name), os.path.join(name, CONFIG_NAME))
+        raise UnknownFormatError(f"{weights.source}: {err}") from None
+    state, notes = to_official(weights.state, report_format)
+    report = LoadReport(source=weights.source, format=report_format, notes=list(notes))
+    if weights.hf_config is not None:
+        report.notes += config_differences(model, weights.hf_config, os.path.join(weights.path, CONFIG_NAME))
     report.discarded += getattr(notes, "dropped", [])
     for key in list(state):
         if key.rsplit(".", 1)[-1] in DERIVED_BUFFERS:
@@ -449,10 +227,155 @@ def load_pretrained(
         raise StateDictMismatchError(f"state dict does not fit the model\n{report}{hint}")
     bad = {k for k, _, _ in report.mismatched}
     loadable = {k: v for k, v in state.items() if k in own and k not in bad}
-    report.nonfinite = warn_nonfinite(loadable, name)
+    report.nonfinite = warn_nonfinite(loadable, weights.source)
     model.load_state_dict(loadable, strict=False)
     report.loaded = sorted(loadable)
     return report
+
+
+def _load_simmim(sim: SimMIM, weights: Weights, strict: bool, fmt: str | None, head: str, head_map) -> LoadReport:
+    """A SimMIM checkpoint into :class:`SimMIM`: official pre-training files (``encoder.*`` with
+    ``encoder.mask_token``, the ``decoder.0`` convolution, buffers, the old ``rpe_mlp`` name) and
+    SimMIM's own state dicts. The mask token and decoder are loaded here, the rest into the
+    encoder. With ``strict`` nothing is loaded unless everything fits."""
+    state = dict(weights.state)
+    if state and all(k.startswith("module.") for k in state):  # a DistributedDataParallel state dict
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    own = {k: v for k, v in sim.state_dict().items() if not k.startswith("encoder.")}
+    ours = {}
+    for key in list(state):
+        name = "mask_token" if key in ("mask_token", "encoder.mask_token") else key
+        if name in own or key.startswith("decoder."):
+            if name in ours:
+                raise StateDictMismatchError(f"the checkpoint has two mask tokens: {key} and mask_token")
+            ours[name] = state.pop(key)
+    missing = sorted(set(own) - set(ours))
+    unexpected = sorted(set(ours) - set(own))
+    mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in ours.items()
+                  if k in own and v.shape != own[k].shape]
+    if strict and (missing or unexpected or mismatched):
+        problems = (("missing", missing), ("not in the model", unexpected),
+                    ("shape differs (checkpoint vs model)", mismatched))
+        raise StateDictMismatchError(
+            "SimMIM checkpoint does not fit: " + "; ".join(f"{title} {items}" for title, items in problems if items)
+        )
+    if not state:
+        raise StateDictMismatchError("the checkpoint holds no encoder tensors")
+    encoder = dataclasses.replace(weights, state=state)
+    report = _load_network(sim.encoder, encoder, strict, fmt, head, head_map)  # raises before loading anything
+    bad = {k for k, _, _ in mismatched}
+    fitting = {k: v for k, v in ours.items() if k in own and k not in bad}
+    sim.load_state_dict(fitting, strict=False)
+    report.loaded = sorted(fitting) + [f"encoder.{k}" for k in report.loaded]
+    report.missing = missing + [f"encoder.{k}" for k in report.missing]
+    report.unexpected = unexpected + [f"encoder.{k}" for k in report.unexpected]
+    report.mismatched = mismatched + [(f"encoder.{k}", a, b) for k, a, b in report.mismatched]
+    return report
+
+
+# -- models rebuilt from their source -------------------------------------------------------
+
+
+def build_model(
+    source,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    **overrides,
+) -> SwinTransformerV2:
+    """Rebuild the :class:`~swinv2.SwinTransformerV2` that ``source`` describes (a swinv2 file,
+    a training checkpoint, a transformers folder: anything whose :class:`Weights` carry a
+    ``config``) and load its weights strictly.
+
+    ``overrides``: constructor arguments to change (``img_size``, ``window_size``,
+    ``drop_path_rate``...); a different ``num_classes`` leaves the head freshly initialised.
+    ``dtype``: default, the weights' floating dtype when they have one. ``device``: where to
+    build. A transformers folder's model keeps its LayerNorm eps, and a warning names the
+    stages where transformers' build-time windows differ from swinv2's.
+    """
+    weights = read_weights(source)
+    if weights.config is None:
+        raise CheckpointError(f"{weights.source} does not say which model it holds (no model config)")
+    model = _construct(weights, device, overrides)
+    floating = {t.dtype for t in weights.state.values() if t.is_floating_point()}
+    if dtype is None and len(floating) == 1:
+        dtype = floating.pop()
+    if dtype is not None:
+        model.to(dtype)
+    new_head = "num_classes" in overrides and overrides["num_classes"] != weights.config.get("num_classes")
+    try:
+        load_pretrained(model, weights, strict=True, head="drop" if new_head else "keep")
+    except StateDictMismatchError as err:
+        raise StateDictMismatchError(f"{weights.source}: {err}") from err
+    return model
+
+
+def _construct(weights: Weights, device, overrides: dict) -> SwinTransformerV2:
+    """The model ``weights.config`` (with ``overrides``) describes, not loaded yet. A
+    transformers folder's model gets its LayerNorm eps and is checked for windows transformers
+    would build otherwise."""
+    kwargs = {**weights.config, **overrides}
+    norm_layer = None
+    if weights.hf_config is not None and "norm_layer" not in overrides:
+        norm_layer = norm_layer_for(weights.hf_config)
+        if norm_layer is not None:
+            kwargs["norm_layer"] = norm_layer
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            model = SwinTransformerV2(**kwargs)
+    except (TypeError, ValueError) as err:
+        if weights.hf_config is not None:
+            where = os.path.join(weights.path, CONFIG_NAME)
+        else:
+            where = f"the config stored in{' (with your overrides)' if overrides else ''} {weights.source}"
+        raise CheckpointError(f"{where} cannot build a SwinTransformerV2: {err}") from err
+    if norm_layer is not None:
+        match_fixed_eps(model)
+    if weights.hf_config is not None and not set(_WINDOW_SETTINGS) & set(overrides):
+        warn_window_mismatch(model, weights.hf_config, weights.path)
+    return model
+
+
+def load_model(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    **overrides,
+) -> SwinTransformerV2:
+    """Rebuild the model saved by :func:`swinv2.save_pretrained` from the file alone and load
+    its weights (safetensors: nothing is unpickled); see :func:`build_model` for the arguments.
+    Any other file is refused, saying how to load it."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    weights = read_weights(path)
+    if weights.kind != "swinv2":
+        if weights.kind == "file" and is_safetensors(path):
+            _, count = read_safetensors_metadata(path)
+            raise CheckpointError(
+                f"{path} is a safetensors file with {count} tensors but no swinv2 metadata (a bare state dict, "
+                "e.g. a timm or official export), so it does not say which architecture it is: load it into one "
+                f"with swinv2.create_model(name, pretrained={path!r})"
+            )
+        raise CheckpointError(
+            f"{path} is not a swinv2 safetensors file (an official or timm .pth checkpoint?): load it into an "
+            f"architecture with swinv2.create_model(name, pretrained={path!r})"
+        )
+    return build_model(weights, device=device, dtype=dtype, **overrides)
+
+
+def load_hf_folder(
+    folder: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    **overrides,
+) -> SwinTransformerV2:
+    """Rebuild the model of a transformers SwinV2 folder from its ``config.json`` and load its
+    weights strictly (see :func:`build_model`). The head follows the weights
+    (``classifier``: its rows; none: no head)."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    return build_model(folder, device=device, dtype=dtype, **overrides)
 
 
 def _read_head_map(head_map) -> torch.Tensor:

@@ -25,6 +25,7 @@ import sys
 import torch
 
 from .layers import SCORE_TENSORS
+from .model_config import count_params_analytic, stage_windows
 
 MiB = 2**20
 DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -88,64 +89,8 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def count_params_analytic(config: dict) -> int:
-    """Parameter count of ``SwinTransformerV2(**config)`` from the architecture numbers
-    (default switches: res-post-norm, cosine attention, log-CPB; V1 tables and the others
-    are handled too)."""
-    C, depths, heads = config["embed_dim"], config["depths"], config["num_heads"]
-    ph, pw = _pair(config.get("patch_size", 4))
-    in_chans = config.get("in_chans", 3)
-    total = C * in_chans * ph * pw + C + (2 * C if config.get("patch_norm", True) else 0)
-    if config.get("ape"):
-        ih, iw = _pair(config["img_size"])
-        total += (ih // ph) * (iw // pw) * C
-    hidden_cpb = config.get("cpb_hidden_dim", 512)
-    bias = config.get("position_bias", "log_cpb")
-    period = config.get("extra_norm_period", 0)
-    windows = _stage_windows(config)
-    for i, (depth, nH) in enumerate(zip(depths, heads)):
-        c = C * 2**i
-        hid = int(c * config.get("mlp_ratio", 4.0))
-        block = 2 * c + 2 * c  # norm1, norm2
-        block += 3 * c * c + (2 * c if config.get("qkv_bias", True) else 0) + c * c + c  # qkv, q/v bias, proj
-        block += c * hid + hid + hid * c + c  # mlp
-        if config.get("attn_type", "cosine") == "cosine":
-            block += nH
-        if bias in ("log_cpb", "linear_cpb"):
-            block += 2 * hidden_cpb + hidden_cpb + hidden_cpb * nH
-        elif bias == "table":
-            wh, ww = windows[i]
-            block += (2 * wh - 1) * (2 * ww - 1) * nH
-        if config.get("norm_placement", "res_post") == "sandwich":
-            block += 4 * c
-        total += depth * block
-        if period:
-            total += (depth // period) * 2 * c
-        if i < len(depths) - 1:
-            total += 4 * c * 2 * c + 2 * 2 * c  # patch merging: reduction, norm
-    F = C * 2 ** (len(depths) - 1)
-    total += 2 * F
-    classes = config.get("num_classes", 1000)
-    if classes > 0:
-        total += F * classes + classes
-    return total
-
-
 def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _stage_windows(config: dict) -> list[tuple[int, int]]:
-    from .layers import effective_window
-
-    ph, pw = _pair(config.get("patch_size", 4))
-    ih, iw = _pair(config["img_size"])
-    h, w = ih // ph, iw // pw
-    out = []
-    for _ in config["depths"]:
-        out.append(effective_window((h, w), _pair(config["window_size"]), config.get("window_rule", "per_axis"))[0])
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-    return out
 
 
 def _model_config(model_or_name, img_size, window) -> dict:
@@ -220,7 +165,7 @@ def estimate_training_memory(
     ih, iw = _pair(config["img_size"])
     h, w = ih // ph, iw // pw
     C0 = config["embed_dim"]
-    windows = _stage_windows(config)
+    windows = stage_windows(config)
 
     # Embedding: the conv keeps the image (as a 2-byte copy under autocast), the LayerNorm its input.
     embed = B * config.get("in_chans", 3) * ih * iw * s + B * h * w * C0 * s

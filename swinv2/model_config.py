@@ -21,8 +21,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .layers import ATTN_TYPES, NORM_PLACEMENTS, POSITION_BIASES
-from .loading import CheckpointError
+from .files import CheckpointError
+from .layers import ATTN_TYPES, NORM_PLACEMENTS, POSITION_BIASES, effective_window, to_2tuple
+from .model import SwinTransformerV2
 
 MAX_STAGES = 8
 MAX_DEPTH = 64  # blocks per stage
@@ -36,7 +37,7 @@ MAX_PARAMETERS = 10_000_000_000
 WINDOW_RULES = ("per_axis", "official")
 GLOBAL_POOLS = ("avg", "")
 
-__all__ = ["ConfigError", "check_model_config", "check_weights_fit"]
+__all__ = ["ConfigError", "check_model_config", "check_weights_fit", "count_params_analytic", "stage_windows"]
 
 
 class ConfigError(CheckpointError):
@@ -44,8 +45,6 @@ class ConfigError(CheckpointError):
 
 
 def _defaults() -> dict:
-    from .model import SwinTransformerV2  # imported here: model.py is heavy and this module is imported early
-
     params = inspect.signature(SwinTransformerV2.__init__).parameters
     return {k: p.default for k, p in params.items() if k not in ("self", "norm_layer")}
 
@@ -204,9 +203,62 @@ def check_model_config(config: Mapping, source: str, names: Mapping[str, str] | 
 
 def parameter_count(config: Mapping) -> int:
     """The parameter count of ``SwinTransformerV2(**config)``, from the numbers alone."""
-    from .memory import count_params_analytic  # the one formula, shared with the memory estimate
-
     return count_params_analytic(dict(config))
+
+
+def count_params_analytic(config: dict) -> int:
+    """Parameter count of ``SwinTransformerV2(**config)`` from the architecture numbers
+    (default switches: res-post-norm, cosine attention, log-CPB; V1 tables and the others
+    are handled too). The one formula: the memory estimate (:mod:`swinv2.memory`) uses it too."""
+    C, depths, heads = config["embed_dim"], config["depths"], config["num_heads"]
+    ph, pw = to_2tuple(config.get("patch_size", 4))
+    in_chans = config.get("in_chans", 3)
+    total = C * in_chans * ph * pw + C + (2 * C if config.get("patch_norm", True) else 0)
+    if config.get("ape"):
+        ih, iw = to_2tuple(config["img_size"])
+        total += (ih // ph) * (iw // pw) * C
+    hidden_cpb = config.get("cpb_hidden_dim", 512)
+    bias = config.get("position_bias", "log_cpb")
+    period = config.get("extra_norm_period", 0)
+    windows = stage_windows(config)
+    for i, (depth, nH) in enumerate(zip(depths, heads)):
+        c = C * 2**i
+        hid = int(c * config.get("mlp_ratio", 4.0))
+        block = 2 * c + 2 * c  # norm1, norm2
+        block += 3 * c * c + (2 * c if config.get("qkv_bias", True) else 0) + c * c + c  # qkv, q/v bias, proj
+        block += c * hid + hid + hid * c + c  # mlp
+        if config.get("attn_type", "cosine") == "cosine":
+            block += nH
+        if bias in ("log_cpb", "linear_cpb"):
+            block += 2 * hidden_cpb + hidden_cpb + hidden_cpb * nH
+        elif bias == "table":
+            wh, ww = windows[i]
+            block += (2 * wh - 1) * (2 * ww - 1) * nH
+        if config.get("norm_placement", "res_post") == "sandwich":
+            block += 4 * c
+        total += depth * block
+        if period:
+            total += (depth // period) * 2 * c
+        if i < len(depths) - 1:
+            total += 4 * c * 2 * c + 2 * 2 * c  # patch merging: reduction, norm
+    F = C * 2 ** (len(depths) - 1)
+    total += 2 * F
+    classes = config.get("num_classes", 1000)
+    if classes > 0:
+        total += F * classes + classes
+    return total
+
+
+def stage_windows(config: Mapping) -> list[tuple[int, int]]:
+    """The window each stage uses at the config's image size (its rule applied to each map)."""
+    ph, pw = to_2tuple(config.get("patch_size", 4))
+    ih, iw = to_2tuple(config["img_size"])
+    h, w = ih // ph, iw // pw
+    out = []
+    for _ in config["depths"]:
+        out.append(effective_window((h, w), to_2tuple(config["window_size"]), config.get("window_rule", "per_axis"))[0])
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return out
 
 
 def check_weights_fit(config: Mapping, state: Mapping[str, torch.Tensor], source: str) -> None:

@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 
-from . import fileio, hub
+from . import fileio
 from .data.images import is_regular_file, open_rgb
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from .layers import to_2tuple
+from .reading import Weights, read_weights
 from .variants import create_model, get_variant
+from .weights import HF_HUB_PREFIX, PRETRAINED, get_pretrained
 
 # What a folder walk picks up (case-insensitive). A file named explicitly is always tried.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
@@ -68,98 +70,43 @@ class LoadedModel:
     random_weights: bool = False
 
 
-def _registered(name: str | None, checkpoint: str | None) -> hub.PretrainedWeights | None:
-    """The registry entry the weights are: a tag given by name, or a local copy of a released
-    file (same file name, e.g. downloaded elsewhere because this machine is offline)."""
-    if name and name in hub.PRETRAINED:
-        return hub.PRETRAINED[name]
-    if checkpoint:
-        base = os.path.basename(checkpoint)
-        for weights in hub.PRETRAINED.values():
-            if weights.file == base and (name is None or weights.arch == name.split(".", 1)[0]):
-                return weights
-    return None
-
-
-def _from_registry(weights: hub.PretrainedWeights) -> Preprocess:
-    return Preprocess(weights.img_size, weights.crop_pct, weights.crop_mode, weights.interpolation,
-                      tuple(weights.mean), tuple(weights.std))
-
-
-def _from_metadata(meta: dict[str, str], path: str, default_size) -> tuple[Preprocess | None, list[str] | None]:
-    """Preprocessing and class names stored by ``swinv2 train`` (``preprocess`` and
-    ``class_names`` metadata, JSON); None for what the file does not say."""
-    pre = names = None
-    try:
-        if meta.get("preprocess"):
-            fields = json.loads(meta["preprocess"])
-            fields.setdefault("img_size", default_size)
-            for key in ("mean", "std"):
-                if key in fields:
-                    fields[key] = tuple(fields[key])
-            if isinstance(fields["img_size"], list):
-                fields["img_size"] = tuple(fields["img_size"])
-            pre = Preprocess(**{k: v for k, v in fields.items() if k in Preprocess.__dataclass_fields__})
-        if meta.get("class_names"):
-            names = [str(n) for n in json.loads(meta["class_names"])]
-    except (json.JSONDecodeError, TypeError, AttributeError) as err:
-        raise ValueError(f"{path}: unreadable preprocess/class_names metadata ({err})") from err
-    return pre, names
-
-
 def load_for_inference(
     model: str | None = None, checkpoint: str | os.PathLike | None = None, device=None
 ) -> LoadedModel:
     """Build the model for ``--model TAG_OR_NAME`` and/or ``--checkpoint PATH``.
 
-    - ``model="arch.tag"`` (registered weights): downloaded into the cache, registry preprocessing;
+    - ``model="arch.tag"`` (released weights, or ``hf-hub:REPO`` for timm's copy): downloaded
+      into the cache, with the release's preprocessing;
     - ``model="arch"`` alone: random weights (``random_weights=True``: the caller must warn);
-    - ``checkpoint``: a swinv2 safetensors file (rebuilt from its metadata), a training
-      checkpoint of ``swinv2 train``, a Hugging Face folder (rebuilt from its config.json, class
-      names from its ``id2label``), or any checkpoint :func:`load_pretrained` reads, with
-      ``model`` naming the architecture.
+    - ``checkpoint``: anything :func:`swinv2.reading.read_weights` reads; a source that carries
+      its model config (a swinv2 file, a training checkpoint, a Hugging Face folder) rebuilds
+      the model, any other is loaded into the architecture ``model`` names.
+
+    The preprocessing and class names are those the weights state (a swinv2 file's metadata, a
+    training run's settings and classes, a folder's ``id2label``, the release a local copy of a
+    release file is), else the official default at the model's own size.
     """
     if model is None and checkpoint is None:
         raise ValueError("give --model TAG_OR_NAME (see 'swinv2 pretrained' and 'swinv2 list') or --checkpoint PATH")
     if checkpoint is None:
-        if "." in model:
-            weights = hub.get_pretrained(model)  # ValueError naming the registered tags
-            net = create_model(weights.name, pretrained=True)
-            return LoadedModel(net, _from_registry(weights), None, weights.name)
-        get_variant(model)  # ValueError naming the known models
-        net = create_model(model)
-        return LoadedModel(net, Preprocess(net.img_size), None, model, random_weights=True)
+        if "." not in model and not model.startswith(HF_HUB_PREFIX):
+            get_variant(model)  # ValueError naming the known models
+            net = create_model(model)
+            return LoadedModel(net, Preprocess(net.img_size), None, model, random_weights=True)
+        # ValueError naming the released tags for an unknown one
+        weights = read_weights(model if model.startswith(HF_HUB_PREFIX) else get_pretrained(model))
+        return _loaded(create_model(pretrained=weights), weights, model)
+    weights = read_weights(checkpoint, arch=model)
+    net = create_model(model, pretrained=weights)
+    return _loaded(net, weights, os.fspath(checkpoint), PRETRAINED.get(model or ""))
 
-    path = os.fspath(checkpoint)
-    if os.path.isdir(path):  # a Hugging Face folder: its config.json rebuilds the model and names the classes
-        from .hf_folder import class_names, read_hf_config
 
-        names = class_names(read_hf_config(path))
-        net = create_model(model, pretrained=path)
-        registered = _registered(model, None)
-        pre = _from_registry(registered) if registered is not None else Preprocess(net.img_size)
-        return LoadedModel(net, pre, names, path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    from .variants import _is_training_checkpoint
-
-    names = pre = None
-    meta = hub.read_metadata(path)  # CheckpointError (a ValueError) for a corrupt safetensors file
-    net = create_model(model, pretrained=path)
-    if meta is not None:
-        pre, names = _from_metadata(meta, path, net.img_size)
-    elif _is_training_checkpoint(path):
-        from .train.checkpoint import load_checkpoint
-
-        state = load_checkpoint(path)
-        cfg = state.get("config") or {}
-        crop = float(cfg.get("crop_pct", 0.875))
-        pre = Preprocess(cfg.get("img_size") or net.img_size, crop, "center" if crop < 1 else "squash")
-        names = state.get("class_names") or None
-    registered = _registered(model, path)
-    if pre is None and registered is not None:
-        pre = _from_registry(registered)
-    return LoadedModel(net, pre or Preprocess(net.img_size), names, path)
+def _loaded(net: torch.nn.Module, weights: Weights, source: str, named=None) -> LoadedModel:
+    """``net`` with the preprocessing and class names ``weights`` state (or the release
+    ``named`` on the command line states), at the model's own size where they name none."""
+    fields = dict(weights.preprocess or (named.preprocess if named is not None else {}))
+    fields.setdefault("img_size", net.img_size)
+    return LoadedModel(net, Preprocess(**fields), weights.class_names, source)
 
 
 def imagenet_class_names() -> list[str]:
@@ -330,7 +277,7 @@ def format_rows(rows: list[dict], fmt: str) -> str:
 
 
 def random_weights_warning(name: str) -> str:
-    tags = [n for n in hub.PRETRAINED if n.split(".", 1)[0] == name]
+    tags = [n for n in PRETRAINED if n.split(".", 1)[0] == name]
     hint = f"--model {tags[0]}" if tags else "--model ARCH.TAG (see 'swinv2 pretrained')"
     return (f"WARNING: {name} is an architecture name without weights: the model is RANDOMLY INITIALISED and "
             f"its predictions are MEANINGLESS. Use {hint} or --checkpoint FILE.")

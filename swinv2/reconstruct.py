@@ -16,13 +16,20 @@ with seeded masks and writes a PNG grid of what the model predicts there. Checkp
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Mapping
 
 import torch
 
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .data.images import open_rgb
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from .fileio import atomic_path
+from .files import CheckpointError
+from .loading import load_pretrained
+from .model import SwinTransformerV2
+from .reading import read_weights
+from .simmim import MaskGenerator, SimMIM, local_stats
+from .variants import create_model
 
 OFFICIAL_NORM_TARGET_WINDOW = 47  # every official SwinV2 SimMIM config enables it with 47
 _COORDS_KEY = "layers.0.blocks.0.attn.relative_coords_table"
@@ -52,8 +59,6 @@ def save_reconstruction_grid(images, masks, recs, path, mean=IMAGENET_MEAN, std=
 
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
-
-    from .simmim import local_stats
 
     images, recs = images.detach().double().cpu(), recs.detach().double().cpu()
     if images.ndim != 4 or recs.shape != images.shape:
@@ -100,12 +105,6 @@ def save_reconstruction_grid(images, masks, recs, path, mean=IMAGENET_MEAN, std=
 # -- reading checkpoints --------------------------------------------------------------------
 
 
-def _read(path: str):
-    from .loading import read_checkpoint
-
-    return read_checkpoint(path)  # never runs code from the file; one-line errors
-
-
 def load_simmim(path: str | os.PathLike, *, model: str | None = None, img_size: int | None = None,
                 window_size: int | None = None, norm_target_window: int | None | str = "auto"):
     """(a :class:`SimMIM` with the checkpoint's weights, in eval mode, the pre-training settings
@@ -114,29 +113,19 @@ def load_simmim(path: str | os.PathLike, *, model: str | None = None, img_size: 
     See the module docstring for the formats. ``norm_target_window``: ``"auto"`` (the checkpoint's
     setting, 47 for official files), an odd int, or None (off).
     """
-    from .loading import CheckpointError, unwrap_state_dict
-    from .model import SwinTransformerV2
-    from .simmim import SimMIM
-    from .variants import create_model
-
     path = os.fspath(path)
-    obj = _read(path)
-    encoder_config = obj.get("model_config") if isinstance(obj, Mapping) else None
-    run = obj.get("config") if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping) else {}
-    state = unwrap_state_dict(obj, source=path)
-    stripped = {k.removeprefix("module."): v for k, v in state.items()}
+    weights = read_weights(path)  # never runs code from the file; checks a stored config
+    stripped = {k.removeprefix("module."): v for k, v in weights.state.items()}
     if not any(k.startswith("decoder.") for k in stripped):
         raise CheckpointError(f"{path} holds no SimMIM decoder (decoder.0.*): not a SimMIM pre-training checkpoint")
+    run = weights.run_config or {}
     # img_size only sizes the input: the encoder runs at any size (an absolute position embedding
     # is resampled), and building it at another size would change that embedding's shape.
     overrides = dict(num_classes=0)
     if window_size:
         overrides["window_size"] = window_size
-    if encoder_config:
-        from .model_config import check_model_config
-
-        check_model_config(encoder_config, path)  # before anything is built from the file's numbers
-        encoder = SwinTransformerV2(**{**encoder_config, **overrides})
+    if weights.config is not None:
+        encoder = SwinTransformerV2(**{**weights.config, **overrides})
         name, official = run.get("model") or "SimMIM", False
     elif model:
         coords = stripped.get("encoder." + _COORDS_KEY)
@@ -153,7 +142,7 @@ def load_simmim(path: str | os.PathLike, *, model: str | None = None, img_size: 
         norm_target_window = run.get("norm_target_window", OFFICIAL_NORM_TARGET_WINDOW) if not official \
             else OFFICIAL_NORM_TARGET_WINDOW
     sim = SimMIM(encoder, norm_target_window=norm_target_window)
-    sim.load_pretrained(stripped)
+    load_pretrained(sim, dataclasses.replace(weights, state=stripped))
     settings = dict(
         img_size=img_size or run.get("img_size") or encoder.img_size[0],
         mask_patch=run.get("mask_patch") or 32,
@@ -174,10 +163,6 @@ def _window_arg(text: str) -> int | None | str:
 
 
 def cmd_reconstruct(args) -> int:
-    from .data.images import open_rgb
-    from .data.transforms import eval_transform
-    from .simmim import MaskGenerator
-
     sim, settings = load_simmim(args.checkpoint, model=args.model, img_size=args.img_size,
                                 window_size=args.window_size, norm_target_window=args.norm_target_window)
     size = settings["img_size"]

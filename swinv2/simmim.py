@@ -9,13 +9,12 @@ is used through its own methods: SimMIM owns the mask token, the decoder and the
 >>> masks = MaskGenerator(192, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6, seed=0)
 >>> sim = SimMIM(swinv2.create_model("swinv2_base_window12_192", num_classes=0))
 >>> loss = sim(images, masks.batch(images.shape[0]))           # images (B, 3, 192, 192)
+>>> swinv2.load_pretrained(sim, "simmim_pretrain.pth")         # encoder, mask token and decoder
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -197,60 +196,6 @@ class SimMIM(nn.Module):
 
     def no_weight_decay_keywords(self) -> set[str]:
         return self.encoder.no_weight_decay_keywords()
-
-    # -- checkpoints --------------------------------------------------------------------
-
-    def load_pretrained(self, source, strict: bool = True, **kwargs):
-        """Load a SimMIM checkpoint (a path, or a state dict bare or under 'model') and return a
-        :class:`swinv2.LoadReport`; ``swinv2.load_pretrained(sim, source)`` comes here too.
-
-        Reads official pre-training files (``encoder.*`` with ``encoder.mask_token``, the
-        ``decoder.0`` convolution, buffers and the old ``rpe_mlp`` name) and this module's own
-        state dicts. The encoder part goes through :func:`swinv2.load_pretrained` (so every
-        layout it knows works; ``kwargs``: its ``fmt``, ``head``, ``head_map``); the mask token
-        and decoder are loaded here. With ``strict`` nothing is loaded unless everything fits,
-        and the error names what does not; with ``strict=False`` what fits is loaded, the rest
-        reported (e.g. an encoder from a classifier checkpoint with ``head="drop"``).
-        """
-        from .loading import StateDictMismatchError, load_pretrained, read_state_dict, unwrap_state_dict
-
-        if isinstance(source, Mapping):
-            state = unwrap_state_dict(source)
-        else:
-            source = os.fspath(source)
-            state = read_state_dict(source)
-        if state and all(k.startswith("module.") for k in state):  # a DistributedDataParallel state dict
-            state = {k[len("module.") :]: v for k, v in state.items()}
-        own = {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
-        ours = {}
-        for key in list(state):
-            name = "mask_token" if key in ("mask_token", "encoder.mask_token") else key
-            if name in own or key.startswith("decoder."):
-                if name in ours:
-                    raise StateDictMismatchError(f"the checkpoint has two mask tokens: {key} and mask_token")
-                ours[name] = state.pop(key)
-        missing = sorted(set(own) - set(ours))
-        unexpected = sorted(set(ours) - set(own))
-        mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in ours.items()
-                      if k in own and v.shape != own[k].shape]
-        if strict and (missing or unexpected or mismatched):
-            problems = (("missing", missing), ("not in the model", unexpected),
-                        ("shape differs (checkpoint vs model)", mismatched))
-            raise StateDictMismatchError(
-                "SimMIM checkpoint does not fit: " + "; ".join(f"{title} {items}" for title, items in problems if items)
-            )
-        if not state:
-            raise StateDictMismatchError("the checkpoint holds no encoder tensors")
-        report = load_pretrained(self.encoder, state, strict, **kwargs)  # raises before loading anything
-        bad = {k for k, _, _ in mismatched}
-        fitting = {k: v for k, v in ours.items() if k in own and k not in bad}
-        self.load_state_dict(fitting, strict=False)
-        report.source = source if isinstance(source, str) else "state dict"
-        report.loaded = sorted(fitting) + [f"encoder.{k}" for k in report.loaded]
-        report.missing = missing + [f"encoder.{k}" for k in report.missing]
-        report.unexpected = unexpected + [f"encoder.{k}" for k in report.unexpected]
-        report.mismatched = mismatched + [(f"encoder.{k}", a, b) for k, a, b in report.mismatched]
-        return report
 
 
 def _check_mask(mask: torch.Tensor, grid: torch.Size, x_shape: torch.Size) -> None:

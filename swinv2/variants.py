@@ -1,23 +1,23 @@
 """The SwinV2 family as data, and ``create_model`` / ``list_models``.
 
 Names follow timm's, so they can be looked up there too. Stochastic-depth rates are those of
-the official training configs (H and G: the paper's §4 / appendix values).
+the official training configs (H and G: the paper's §4 / appendix values). The released weights
+of these architectures are listed beside them, in :mod:`swinv2.weights`.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import hub
-from .loading import CheckpointError, load_pretrained, read_state_dict, unwrap_state_dict
+from .loading import StateDictMismatchError, build_model, load_pretrained
 from .model import SwinTransformerV2
-from .model_config import check_model_config, check_weights_fit
+from .reading import read_weights
+from .weights import get_pretrained
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def get_variant(name: str) -> Variant:
 
 def create_model(
     name: str | None = None,
-    pretrained: bool | str | os.PathLike | Mapping[str, torch.Tensor] = False,
+    pretrained=False,
     device: str | torch.device | None = None,
     **overrides,
 ) -> SwinTransformerV2:
@@ -125,114 +125,69 @@ def create_model(
 
     ``pretrained``:
 
-    - ``True``: the registered weights of ``name`` (``arch.tag``, or ``arch`` for its default
-      tag; see :func:`swinv2.hub.list_pretrained`), downloaded into the cache on first use;
-    - a file written by :func:`swinv2.hub.save_pretrained`, or a Hugging Face transformers
-      folder (``config.json`` + weights, see :mod:`swinv2.hf_folder`): the model is rebuilt from
-      its own config (``name`` may then be None; overrides still apply);
-    - any other checkpoint path, an ``http(s)://`` URL, or a state dict: loaded into the named
-      architecture (see :func:`load_pretrained`).
+    - ``True``: the released weights of ``name`` (``arch.tag``, or ``arch`` for its default
+      tag; see :func:`swinv2.weights.list_pretrained`), downloaded into the cache on first use;
+    - a source that says what model it holds: a file written by :func:`swinv2.save_pretrained`,
+      a training checkpoint, a Hugging Face transformers folder (``config.json`` + weights): the
+      model is rebuilt from its own config (``name`` may then be None; overrides still apply);
+    - released weights by name (``"arch.tag"``, or timm's copy on the Hub,
+      ``"hf-hub:timm/arch.tag"``): ``name`` may be None;
+    - any other source :func:`swinv2.reading.read_weights` reads (a checkpoint path, an
+      ``http(s)://`` URL, a Hub repository, a state dict): loaded into the named architecture
+      (see :func:`swinv2.load_pretrained`).
 
-    A ``num_classes`` override that differs from the registered weights' (or a swinv2 file's)
-    leaves the head freshly initialised. ``device``: where to build; ``"meta"`` builds without
-    allocating memory (for planning and sharded initialisation of the large sizes).
+    A ``num_classes`` override that differs from the weights' own leaves the head freshly
+    initialised. ``device``: where to build; ``"meta"`` builds without allocating memory (for
+    planning and sharded initialisation of the large sizes).
     """
     variant = get_variant(name) if name is not None else None
-    if isinstance(pretrained, (str, os.PathLike)) and hub._is_url(pretrained):
-        pretrained = hub.download(pretrained)
-    if isinstance(pretrained, (str, os.PathLike)) and _is_training_checkpoint(pretrained):
-        return _from_training_checkpoint(pretrained, device, overrides)
-    if isinstance(pretrained, (str, os.PathLike)) and os.path.isdir(pretrained):
-        from .hf_folder import load_hf_folder
-
-        model = load_hf_folder(pretrained, device=device, **overrides)
-    elif isinstance(pretrained, (str, os.PathLike)) and hub.is_swinv2_file(pretrained):
-        model = hub.load_model(pretrained, device=device, **overrides)
-    else:
-        model = None
-    if model is not None:
-        if variant is not None and _structure(model.config) != _structure(variant.kwargs()):
-            warnings.warn(
-                f"{os.fspath(pretrained)} holds a model of another structure than {name!r}; "
-                "it was built from its own config",
-                stacklevel=2,
-            )
-        return model
-    if variant is None:
-        if isinstance(pretrained, (str, os.PathLike)):
-            read_state_dict(pretrained)  # a file that is no checkpoint at all gets its own message
-            raise ValueError(
-                f"{os.fspath(pretrained)} is not a file written by swinv2.hub.save_pretrained (nor a Hugging "
-                "Face folder), so it does not say which architecture it is: create_model needs a model name "
-                "to load it into "
-                "(see list_models())"
-            )
-        raise ValueError(
-            "create_model needs a model name (see list_models()), unless pretrained is a file written "
-            "by swinv2.hub.save_pretrained or a Hugging Face model folder"
-        )
-
-    kwargs = variant.kwargs()
-    weights = None
+    if pretrained is False or pretrained is None:
+        if variant is None:
+            raise ValueError("create_model needs a model name (see list_models()), unless pretrained is a file "
+                             "written by swinv2.save_pretrained or a Hugging Face model folder")
+        return _build({**variant.kwargs(), **overrides}, device)
     if pretrained is True:
+        if name is None:
+            raise ValueError("pretrained=True needs a model name (see list_models())")
         try:
-            weights = hub.get_pretrained(name)
+            pretrained = get_pretrained(name)
         except ValueError as err:
             raise ValueError(f"pretrained=True: {err}") from None  # names tags and "checkpoint path"
-        kwargs["num_classes"] = weights.num_classes
-        path = hub.download(weights.name)  # before building: fail fast when offline
+    weights = read_weights(pretrained, arch=name)  # downloads before anything is built
+    if weights.config is not None:  # the source says what to build
+        model = build_model(weights, device=device, **overrides)
+        if variant is not None and _structure(model.config) != _structure(variant.kwargs()):
+            warnings.warn(f"{weights.source} holds a model of another structure than {name!r}; it was built from "
+                          "its own config", stacklevel=2)
+        return model
+    arch = name or weights.arch
+    if arch is None:
+        raise ValueError(
+            f"{weights.source} is not a file written by swinv2.save_pretrained (nor a Hugging Face folder or "
+            "released weights), so it does not say which architecture it is: create_model needs a model name to "
+            "load it into (see list_models())"
+        )
+    kwargs = get_variant(arch).kwargs()
+    released = weights.release is not None and weights.release.arch == arch.split(".", 1)[0]
+    if released:
+        kwargs["num_classes"] = weights.release.num_classes
     kwargs.update(overrides)
-    if device is not None:
-        with torch.device(device):
-            model = SwinTransformerV2(**kwargs)
-    else:
-        model = SwinTransformerV2(**kwargs)
-
-    if weights is not None:
-        try:
-            state = read_state_dict(path)
-        except CheckpointError as err:
-            raise CheckpointError(f"{err} (the cached download may be damaged: delete it to fetch it again)") from err
-        drop_head = kwargs["num_classes"] != weights.num_classes
-        hub.load_state(model, state, source=f"{weights.name} ({path})", drop_head=drop_head)
-    elif pretrained is not False and pretrained is not None:
-        load_pretrained(model, pretrained)
+    model = _build(kwargs, device)
+    new_head = released and kwargs["num_classes"] != weights.release.num_classes
+    try:
+        load_pretrained(model, weights, head="drop" if new_head else "keep")
+    except StateDictMismatchError as err:
+        if not released:
+            raise
+        raise StateDictMismatchError(f"{weights.source}: {err}") from err
     return model
 
 
-def _is_training_checkpoint(path) -> bool:
-    """A ``checkpoint-*.pt`` of ``swinv2 train``: a torch zip archive (not safetensors) that
-    names the swinv2 training-checkpoint kind. Decided without reading the tensors."""
-    import zipfile
-
-    path = os.fspath(path)
-    if not os.path.isfile(path) or not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/data.pkl") for name in archive.namelist()) and path.endswith(".pt")
-
-
-def _from_training_checkpoint(path, device, overrides: dict) -> SwinTransformerV2:
-    """Rebuild the model of a training checkpoint from its stored config and load its weights."""
-    from .train.checkpoint import load_checkpoint
-
-    state = load_checkpoint(path)
-    config = state.get("model_config")
-    if not config:
-        raise CheckpointError(f"{os.fspath(path)} has no model config, so the model cannot be rebuilt")
-    check_model_config(config, os.fspath(path))  # before anything is built
-    weights = unwrap_state_dict(state.get("model"), source=os.fspath(path))
-    check_weights_fit(config, weights, os.fspath(path))
-    config = dict(config)
-    kwargs = {**config, **overrides}
-    if device is not None:
-        with torch.device(device):
-            model = SwinTransformerV2(**kwargs)
-    else:
-        model = SwinTransformerV2(**kwargs)
-    head = "auto" if kwargs.get("num_classes") != config.get("num_classes") else "keep"
-    load_pretrained(model, weights, head=head, strict=True, name=os.fspath(path))  # SimMIM wrappers are detected
-    return model
+def _build(kwargs: dict, device) -> SwinTransformerV2:
+    if device is None:
+        return SwinTransformerV2(**kwargs)
+    with torch.device(device):
+        return SwinTransformerV2(**kwargs)
 
 
 def _structure(config: Mapping) -> tuple:

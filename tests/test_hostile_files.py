@@ -24,10 +24,10 @@ from safetensors.torch import save_file
 import swinv2
 from swinv2 import hub
 from swinv2.cli import main
+from swinv2.files import CheckpointError
 from swinv2.hf_folder import save_hf_folder
-from swinv2.loading import CheckpointError
-from swinv2.memory import count_params_analytic
 from swinv2.model import SwinTransformerV2
+from swinv2.model_config import count_params_analytic
 from swinv2.train.checkpoint import KIND
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
@@ -86,7 +86,7 @@ ENTRY_POINTS = {
     "load_pretrained": lambda p, t, i: swinv2.load_pretrained(swinv2.create_model("swinv2_debug", **DEBUG), p),
     "create_model": lambda p, t, i: swinv2.create_model("swinv2_debug", pretrained=p, **DEBUG),
     "create_model_unnamed": lambda p, t, i: swinv2.create_model(pretrained=p),
-    "load_model": lambda p, t, i: hub.load_model(p),
+    "load_model": lambda p, t, i: swinv2.load_model(p),
     "predict": lambda p, t, i: ["predict", str(i), "--checkpoint", str(p), "--model", "swinv2_debug", "--quiet"],
     "eval": lambda p, t, i: ["eval", "--checkpoint", str(p), "--model", "swinv2_debug", "--img-size", "32",
                              "--workers", "0", "--threads", "1"],

@@ -1,4 +1,4 @@
-"""swinv2.hub: the swinv2 safetensors format, the registry of released weights, and downloads
+"""swinv2.hub and swinv2.weights: the swinv2 safetensors format, the table of released weights, and downloads
 (end to end against a local HTTP server; nothing leaves 127.0.0.1)."""
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 import swinv2
-from swinv2 import hub
-from swinv2.hub import DownloadError, PretrainedWeights
-from swinv2.loading import CheckpointError, StateDictMismatchError
+from swinv2 import hub, weights
+from swinv2.files import CheckpointError
+from swinv2.hub import DownloadError
+from swinv2.loading import StateDictMismatchError, load_model
 from swinv2.variants import VARIANTS
+from swinv2.weights import PretrainedWeights
 
 DEBUG = "swinv2_debug"
 
@@ -55,7 +57,7 @@ def test_round_trip_restores_config_and_outputs(tmp_path):
     with torch.no_grad():
         ref = src(x)
     for model in (
-        hub.load_model(path),
+        load_model(path),
         swinv2.create_model(pretrained=path),  # no name: the file says what it is
         swinv2.create_model(DEBUG, pretrained=os.fspath(path)),
     ):
@@ -71,9 +73,9 @@ def test_round_trip_restores_config_and_outputs(tmp_path):
 def test_round_trip_keeps_dtype_and_applies_overrides(tmp_path):
     src = _model(2).double()
     path = hub.save_pretrained(src, tmp_path / "w.safetensors")
-    model = hub.load_model(path)
+    model = load_model(path)
     assert model.head.weight.dtype == torch.float64 and _same_weights(model, src)
-    assert hub.load_model(path, dtype=torch.float32).head.weight.dtype == torch.float32
+    assert load_model(path, dtype=torch.float32).head.weight.dtype == torch.float32
 
     # A new head for another number of classes; everything else loaded.
     other = swinv2.create_model(pretrained=path, num_classes=3, img_size=128)
@@ -154,14 +156,14 @@ def test_truncated_and_corrupted_files(tmp_path):
         path = tmp_path / name
         path.write_bytes(content)
         with pytest.raises(CheckpointError, match=name):
-            hub.load_model(path)
+            load_model(path)
         # create_model reports the damage rather than asking for a model name
         with pytest.raises(CheckpointError, match=name):
             swinv2.create_model(pretrained=path)
     with pytest.raises(CheckpointError, match="truncated or damaged"):
-        hub.load_model(tmp_path / "truncated.safetensors")
+        load_model(tmp_path / "truncated.safetensors")
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        hub.load_model(tmp_path / "nope.safetensors")
+        load_model(tmp_path / "nope.safetensors")
 
 
 def test_foreign_files_say_what_they_are(tmp_path):
@@ -169,7 +171,7 @@ def test_foreign_files_say_what_they_are(tmp_path):
     plain = tmp_path / "plain.safetensors"
     save_file(src.state_dict(), plain)
     with pytest.raises(CheckpointError, match=r"plain.safetensors is a safetensors file .* no swinv2 metadata") as err:
-        hub.load_model(plain)
+        load_model(plain)
     assert "create_model(name, pretrained=" in str(err.value)
     assert not hub.is_swinv2_file(plain)
     # loaded into a named architecture, as before
@@ -180,7 +182,7 @@ def test_foreign_files_say_what_they_are(tmp_path):
     pth = tmp_path / "official.pth"
     torch.save({"model": src.state_dict()}, pth)
     with pytest.raises(CheckpointError, match=r"official.pth is not a swinv2 safetensors file.*create_model\(name"):
-        hub.load_model(pth)
+        load_model(pth)
 
 
 @pytest.mark.parametrize(
@@ -210,7 +212,7 @@ def test_bad_metadata_gets_clear_errors(tmp_path, meta, error, match):
     path = tmp_path / "bad.safetensors"
     save_file(src.state_dict(), path, metadata=metadata)
     with pytest.raises(error, match=match) as err:
-        hub.load_model(path)
+        load_model(path)
     assert "bad.safetensors" in str(err.value)
 
 
@@ -233,10 +235,10 @@ TIMM_TAGS = [
 
 
 def test_registry_matches_the_release_and_the_variants():
-    assert hub.list_pretrained() == TIMM_TAGS
-    assert hub.list_pretrained("*to24*") == [t for t in TIMM_TAGS if "to24" in t]
+    assert weights.list_pretrained() == TIMM_TAGS
+    assert weights.list_pretrained("*to24*") == [t for t in TIMM_TAGS if "to24" in t]
     for name in TIMM_TAGS:
-        w = hub.get_pretrained(name)
+        w = weights.get_pretrained(name)
         v = VARIANTS[w.arch]
         assert w.name == name
         assert (w.img_size, w.window_size, w.num_classes) == (v.img_size, v.window_size, v.num_classes)
@@ -247,23 +249,23 @@ def test_registry_matches_the_release_and_the_variants():
         suffix = {"ms_in1k": "", "ms_in22k": "_22k", "ms_in22k_ft_in1k": "_22kto1k_ft"}[w.tag]
         assert w.file == f"{official}{suffix}.pth"
         assert w.sha256 is None and w.interpolation == "bicubic"
-        assert (w.mean, w.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        assert w.hf_hub_id == f"timm/{name}" and w.hub_source == f"hf-hub:timm/{name}"
         if w.img_size == 384:  # TEST.CROP False: resize straight to 384
             assert (w.crop_mode, w.crop_pct, w.resize_size) == ("squash", 1.0, 384)
         else:  # Resize(int(256 / 224 * size)) then CenterCrop(size)
             assert (w.crop_mode, w.crop_pct, w.resize_size) == ("center", 0.875, int(256 / 224 * w.img_size))
         assert (w.top1 is None) == (w.tag == "ms_in22k")
-    top = {n: (hub.get_pretrained(n).top1, hub.get_pretrained(n).top5) for n in TIMM_TAGS}
+    top = {n: (weights.get_pretrained(n).top1, weights.get_pretrained(n).top5) for n in TIMM_TAGS}
     assert top["swinv2_tiny_window8_256.ms_in1k"] == (81.8, 95.9)
     assert top["swinv2_base_window16_256.ms_in1k"] == (84.6, 97.0)
     assert top["swinv2_large_window12to24_192to384.ms_in22k_ft_in1k"] == (87.6, 98.3)
-    assert hub.get_pretrained("swinv2_base_window12_192").num_classes == 21841
+    assert weights.get_pretrained("swinv2_base_window12_192").num_classes == 21841
 
 
 def test_default_tags_and_unknown_ones():
-    assert hub.get_pretrained("swinv2_small_window16_256").name == "swinv2_small_window16_256.ms_in1k"
+    assert weights.get_pretrained("swinv2_small_window16_256").name == "swinv2_small_window16_256.ms_in1k"
     with pytest.raises(ValueError, match="swinv2_tiny_window8_256.ms_in1k"):
-        hub.get_pretrained("swinv2_tiny_window8_256.ms_in22k")
+        weights.get_pretrained("swinv2_tiny_window8_256.ms_in22k")
     with pytest.raises(ValueError, match=r"checkpoint path.*") as err:
         swinv2.create_model("swinv2_huge_window12_192", pretrained=True)
     assert "swinv2_base_window12_192.ms_in22k" in str(err.value)  # lists what exists
@@ -321,12 +323,12 @@ def _publish(root, seed=9, name="swinv2_debug_test.pth"):
 
 
 def _register(monkeypatch, url, sha256=None, tag="test", file="swinv2_debug_test.pth"):
-    weights = PretrainedWeights(
+    released = PretrainedWeights(
         arch=DEBUG, tag=tag, file=file, url=url, img_size=64, window_size=4, num_classes=10,
         dataset="fixture", sha256=sha256,
     )
-    monkeypatch.setitem(hub.PRETRAINED, weights.name, weights)
-    return weights
+    monkeypatch.setitem(weights.PRETRAINED, released.name, released)
+    return released
 
 
 def test_pretrained_true_downloads_verifies_and_reuses_the_cache(server, cache, monkeypatch):
@@ -396,6 +398,35 @@ def test_download_by_url_with_progress_and_http_errors(server, tmp_path, capsys)
     with pytest.raises(DownloadError, match="short.pth"):
         hub.download(f"{base}/short.pth", cache_dir=tmp_path / "c", progress=False)
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["by_url.pth"]  # nothing partial kept
+
+
+def test_downloads_go_through_torch_hub(server, tmp_path, monkeypatch):
+    """torch.hub's downloader fetches the file (temporary file, SHA-256 check); swinv2 adds the
+    cache, the check that a whole checkpoint arrived, and the messages."""
+    import torch.hub
+
+    base, root, _ = server
+    _, digest = _publish(root, name="hubbed.pth")
+    calls = []
+    real = torch.hub.download_url_to_file
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda url, dst, hash_prefix=None, progress=True: calls.append((url, hash_prefix))
+                        or real(url, dst, hash_prefix=hash_prefix, progress=progress))
+    hub.download(f"{base}/hubbed.pth", cache_dir=tmp_path / "c", progress=False, sha256=digest)
+    assert calls == [(f"{base}/hubbed.pth", digest)]
+
+
+def test_a_file_cut_on_the_server_is_not_cached(server, tmp_path):
+    """The server sends the whole (cut) file with its true length, so the transfer itself looks
+    complete: the file is still refused before it enters the cache."""
+    base, root, _ = server
+    _publish(root, name="cut.pth")
+    data = (root / "cut.pth").read_bytes()
+    (root / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DownloadError, match="cut.pth: what arrived is not a whole checkpoint .*truncated") as err:
+        hub.download(f"{base}/cut.pth", cache_dir=tmp_path / "c", progress=False)
+    assert len(str(err.value).splitlines()) == 1
+    assert not list((tmp_path / "c").iterdir())
 
 
 def test_downloads_get_the_mode_open_would_give(server, tmp_path, umask_027):

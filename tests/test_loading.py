@@ -7,7 +7,8 @@ import torch
 from helpers import randomize_
 
 import swinv2
-from swinv2.loading import CheckpointError, StateDictMismatchError
+from swinv2.files import CheckpointError
+from swinv2.loading import StateDictMismatchError
 from swinv2.train.checkpoint import load_checkpoint
 
 
@@ -172,7 +173,7 @@ READERS = {
     "create_model": lambda p: swinv2.create_model("swinv2_debug", pretrained=p),
     "create_model_unnamed": lambda p: swinv2.create_model(pretrained=p),
     "load_model": lambda p: swinv2.load_model(p),
-    "read_state_dict": lambda p: swinv2.loading.read_state_dict(p),
+    "read_weights": lambda p: swinv2.read_weights(p),
     "training_checkpoint": lambda p: load_checkpoint(p),
 }
 
@@ -206,7 +207,7 @@ def test_unreadable_file_through_the_cli(tmp_path, capsys):
 
 
 def test_folders_and_special_files_are_not_checkpoints(tmp_path):
-    from swinv2.loading import read_checkpoint
+    from swinv2.files import read_checkpoint
 
     with pytest.raises(CheckpointError, match=f"^{tmp_path} is a folder, not a checkpoint file$"):
         read_checkpoint(tmp_path)

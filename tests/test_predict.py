@@ -14,10 +14,11 @@ from helpers import randomize_
 from PIL import Image
 
 import swinv2
-from swinv2 import hub
 from swinv2 import predict as P
+from swinv2 import weights as W
 from swinv2.cli import main
-from swinv2.hub import PretrainedWeights
+from swinv2.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from swinv2.weights import PretrainedWeights
 
 DEBUG = "swinv2_debug"
 
@@ -159,7 +160,7 @@ def test_checkpoint_metadata_gives_class_names_and_preprocessing(photos, model, 
 def _register(monkeypatch, tag, **kw):
     weights = PretrainedWeights(arch=DEBUG, tag=tag, file=f"{DEBUG}_{tag}.pth", img_size=64, window_size=4,
                                 num_classes=10, dataset="fixture", url=f"http://127.0.0.1:9/{tag}.pth", **kw)
-    monkeypatch.setitem(hub.PRETRAINED, weights.name, weights)
+    monkeypatch.setitem(W.PRETRAINED, weights.name, weights)
     return weights
 
 
@@ -180,7 +181,7 @@ def test_registered_weights_bring_their_crop_policy(photos, model, tmp_path, mon
     err = capsys.readouterr().err
     assert "RANDOMLY" not in err
     assert seen == [((size,), dict(crop_pct=weights.crop_pct, crop_mode=weights.crop_mode,
-                                   interpolation="bicubic", mean=hub.IMAGENET_MEAN, std=hub.IMAGENET_STD))]
+                                   interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD))]
     # The loaded weights are the cached file's: the same probabilities as the model itself.
     with Image.open(photos / "china.jpg") as img:
         x = real(size, crop_pct=weights.crop_pct, crop_mode=weights.crop_mode)(img)[None]

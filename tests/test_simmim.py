@@ -209,7 +209,7 @@ def test_official_simmim_fixture(dtype, tol, tmp_path):
 
 def test_simmim_state_dicts_round_trip_and_feed_a_plain_encoder():
     sim, config, state, extra = _fixture_sim()
-    sim.load_pretrained(state)
+    swinv2.load_pretrained(sim, state)
     x, mask = extra["__input__"], extra["__mask__"]
     copy = SimMIM(swinv2.SwinTransformerV2(**config["official_encoder_args"]), norm_target_window=None)
     assert swinv2.load_pretrained(copy, {"model": sim.state_dict()}).ok
@@ -227,12 +227,12 @@ def test_a_checkpoint_that_does_not_fit_is_refused_whole():
     before = {k: v.clone() for k, v in sim.state_dict().items()}
     no_decoder = {k: v for k, v in state.items() if not k.startswith("decoder.")}
     with pytest.raises(StateDictMismatchError, match="decoder.0.weight"):
-        sim.load_pretrained(no_decoder)
+        swinv2.load_pretrained(sim, no_decoder)
     bad_encoder = dict(state, **{"encoder.norm.weight": torch.zeros(7)})
     with pytest.raises(StateDictMismatchError, match="norm.weight"):
-        sim.load_pretrained(bad_encoder)
+        swinv2.load_pretrained(sim, bad_encoder)
     assert all(torch.equal(v, before[k]) for k, v in sim.state_dict().items())  # nothing was loaded
-    report = sim.load_pretrained(no_decoder, strict=False)
+    report = swinv2.load_pretrained(sim, no_decoder, strict=False)
     assert report.missing == ["decoder.0.bias", "decoder.0.weight"]
 
 

@@ -222,13 +222,15 @@ class Table:
         notes = Notes([f"{self.name}: {name} ({count}x)" for name, count in applied.items()])
         notes.dropped = [k for keys in dropped.values() for k in keys]
         for why, keys in dropped.items():
-            notes.append(f"{self.name}: dropped {len(keys)} {why}: {_sample(keys)}")
+            notes.append(f"{self.name}: dropped {len(keys)} {why}: {sample_keys(keys)}")
         if unknown:
-            notes.append(f"{self.name}: {len(unknown)} keys not in its key table kept unchanged: {_sample(unknown)}")
+            notes.append(f"{self.name}: {len(unknown)} keys not in its key table kept unchanged: "
+                         f"{sample_keys(unknown)}")
         return out, notes
 
 
-def _sample(keys: Sequence[str], limit: int = 4) -> str:
+def sample_keys(keys: Sequence[str], limit: int = 4) -> str:
+    """The first ``limit`` of ``keys`` and how many more, for a conversion note."""
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 

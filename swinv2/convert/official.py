@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ._table import DERIVED_BUFFERS, Notes, _sample
+from ._table import DERIVED_BUFFERS, Notes, sample_keys
 
 OLD_CPB_NAME = ".rpe_mlp."
 SIMMIM_ENCODER = "encoder."
@@ -71,7 +71,7 @@ def simmim_to_official(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, tor
             out[key] = value
             notes.append(f"simmim: kept {key!r} (neither encoder nor decoder) unchanged")
     notes = Notes(
-        [f"simmim: dropped {why}: {_sample(keys)}" for why, keys in dropped.items()] + notes,
+        [f"simmim: dropped {why}: {sample_keys(keys)}" for why, keys in dropped.items()] + notes,
         dropped=[k for keys in dropped.values() for k in keys],
     )
     notes.append("simmim: stripped the 'encoder.' prefix")

@@ -4,63 +4,38 @@ at any resolution, with the crop policy that belongs to the weights."""
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
 
 import torch
 
-from .. import hub
 from ..data import datasets as D
 from ..data.transforms import eval_transform
+from ..predict import Preprocess
+from ..reading import read_weights
 from ..train.config import TrainConfig
 from ..train.distributed import all_reduce_sum, setup, teardown
 from ..variants import create_model
+from ..weights import HF_HUB_PREFIX, get_pretrained
 from .common import evaluate_classifier
-
-
-@dataclass
-class Preprocess:
-    img_size: int
-    crop_pct: float = 0.875
-    crop_mode: str = "center"
-    interpolation: str = "bicubic"
+from .supervised import eval_loader, require_images
 
 
 def load_weights(checkpoint: str | None, model: str | None, overrides: dict):
-    """(model, preprocessing, class names) for a checkpoint path, a weight tag or both."""
-    names = None
+    """(model, preprocessing, class names) for a checkpoint, released weights (``--model
+    arch.tag``, or ``arch`` for its default tag), or a checkpoint with its architecture.
+
+    The preprocessing and class names are those the weights state (see
+    :func:`swinv2.predict.load_for_inference`), else the official default at the model's size."""
     if checkpoint is None:
         if model is None:
             raise ValueError("eval needs --checkpoint PATH, or --model TAG of registered weights")
-        weights = hub.get_pretrained(model)
-        net = create_model(model, pretrained=True, **overrides)
-        pre = Preprocess(weights.img_size, weights.crop_pct, weights.crop_mode, weights.interpolation)
-        return net, pre, names
-    if os.path.isdir(checkpoint):  # a Hugging Face folder: config.json rebuilds the model, id2label names
-        from ..hf_folder import class_names, read_hf_config
-
-        names = class_names(read_hf_config(checkpoint))
-        net = create_model(model, pretrained=checkpoint, **overrides)
-        return net, Preprocess(net.img_size[0]), names
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    meta = hub.read_metadata(checkpoint) if not checkpoint.endswith(".pt") else None
-    net = create_model(model, pretrained=checkpoint, **overrides)
-    pre = Preprocess(net.img_size[0])
-    if meta:
-        if meta.get("preprocess"):
-            pre = Preprocess(**json.loads(meta["preprocess"]))
-        if meta.get("class_names"):
-            names = json.loads(meta["class_names"])
-    elif checkpoint.endswith(".pt"):
-        from ..train.checkpoint import load_checkpoint
-
-        state = load_checkpoint(checkpoint)
-        saved = TrainConfig.from_dict(state["config"])
-        pre = Preprocess(saved.img_size or net.img_size[0], saved.crop_pct,
-                         "center" if saved.crop_pct < 1 else "squash")
-        names = state.get("class_names")
-    return net, pre, names
+        weights = read_weights(model if model.startswith(HF_HUB_PREFIX) else get_pretrained(model))
+        net = create_model(pretrained=weights, **overrides)
+    else:
+        weights = read_weights(checkpoint, arch=model)
+        net = create_model(model, pretrained=weights, **overrides)
+    fields = dict(weights.preprocess or {})
+    fields.setdefault("img_size", net.img_size[0])
+    return net, Preprocess(**fields), weights.class_names
 
 
 def run(args) -> dict:
@@ -92,8 +67,6 @@ def run(args) -> dict:
             raise ValueError(f"the weights were trained on classes {names[:10]}..., the data has {classes[:10]}...")
         tf = eval_transform(pre.img_size, crop_pct=pre.crop_pct, crop_mode=pre.crop_mode,
                             interpolation=pre.interpolation)
-        from .supervised import eval_loader, require_images
-
         model.to(env.device)
         loader = _SkipCounter(eval_loader(dataset, tf, cfg, env))
         metrics = evaluate_classifier(model, loader, env, cfg, len(classes))

@@ -6,23 +6,23 @@ Reads top-down: data, model, optimizer, loop pieces, then the loop.
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .. import hub
 from ..data import datasets as D
 from ..data import loader as L
 from ..data import mixup as M
 from ..data.transforms import eval_transform, train_transform
-from ..loading import CheckpointError, load_pretrained, read_state_dict
-from ..train import checkpoint as ckpt
+from ..hf_folder import hf_stage_windows
+from ..loading import load_pretrained
+from ..model import SwinTransformerV2
+from ..reading import read_weights
 from ..train.config import TrainConfig
 from ..train.distributed import Dist, setup, teardown, unwrap, wrap_model
 from ..train.engine import Loop
-from ..train.optim import build_optimizer
+from ..train.optim import build_optimizer, param_groups
 from ..variants import create_model, get_variant
 from .common import evaluate_classifier, model_overrides, model_saver, prepare_run, run_loop, set_threads
 
@@ -56,11 +56,12 @@ def build_classifier(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, str
     overrides = model_overrides(cfg, num_classes=num_classes)
     report = None
     if cfg.task == "finetune":
-        windows = cfg.pretrained_windows or checkpoint_windows(cfg.checkpoint)
+        weights = read_weights(cfg.checkpoint, arch=cfg.model)  # a training checkpoint gives its 'model'
+        windows = cfg.pretrained_windows or checkpoint_windows(weights)
         if windows is not None:
             overrides["pretrained_window_sizes"] = list(windows)
         model = create_model(cfg.model, **overrides)
-        report = str(load_pretrained(model, _finetune_source(cfg.checkpoint), head="auto"))
+        report = str(load_pretrained(model, weights, head="auto"))
     else:
         get_variant(cfg.model)  # a clear error for an unknown name before any data work
         model = create_model(cfg.model, **overrides)
@@ -69,51 +70,27 @@ def build_classifier(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, str
     return model, report
 
 
-def _finetune_source(path: str):
-    """A swinv2 training checkpoint holds the model under 'model'; other files go as they are."""
-    if os.path.isfile(path) and path.endswith(".pt"):
-        try:
-            return ckpt.load_checkpoint(path)["model"]
-        except CheckpointError:
-            pass
-    return path
-
-
-def checkpoint_windows(path: str) -> list[int] | None:
+def checkpoint_windows(source) -> list[int] | None:
     """The window each stage was trained with, which becomes ``pretrained_window_sizes``
     (official: a model pre-trained at 192 with window 12 is fine-tuned with 12,12,12,6).
 
-    From a swinv2 file's config (its effective per-stage windows), a Hugging Face folder's
-    config.json (the windows transformers builds from it), or from the shape of the
-    coordinate tables that official and timm checkpoints carry ((2w-1) x (2w-1) per stage).
+    ``source``: anything :func:`swinv2.reading.read_weights` reads. From a Hugging Face
+    folder's config.json (the windows transformers builds from it), from the model config a
+    swinv2 file or training checkpoint stores (the effective per-stage windows at the size it
+    was trained at), or from the shape of the coordinate tables that official and timm
+    checkpoints carry ((2w-1) x (2w-1) per stage).
     """
-    if os.path.isdir(path):  # a Hugging Face folder: the windows transformers built from its config.json
-        from ..hf_folder import hf_stage_windows, read_hf_config
-
-        return [w for w, _ in hf_stage_windows(read_hf_config(path))]
-    if hub.is_swinv2_file(path):
-        model = hub.load_model(path, device="meta")
-        return [w[0] for w, _ in model.stage_windows()]
-    if os.path.isfile(path) and path.endswith(".pt"):
-        try:
-            state = ckpt.load_checkpoint(path)
-        except CheckpointError:
-            state = None
-        if state is not None and state.get("model_config"):
-            from ..model import SwinTransformerV2
-            from ..model_config import check_model_config
-
-            config = check_model_config(state["model_config"], path)  # before anything is built
-            with torch.device("meta"):
-                model = SwinTransformerV2(**config)
-            size = state["config"].get("img_size") or model.img_size
-            return [w[0] for w, _ in model.stage_windows(size)]
-    state = _finetune_source(path)
-    if not isinstance(state, dict):
-        state = read_state_dict(path)
+    weights = read_weights(source)
+    if weights.hf_config is not None:
+        return [w for w, _ in hf_stage_windows(weights.hf_config)]
+    if weights.config is not None:  # checked by the reader before this builds anything
+        with torch.device("meta"):
+            model = SwinTransformerV2(**weights.config)
+        size = (weights.run_config or {}).get("img_size") or model.img_size
+        return [w[0] for w, _ in model.stage_windows(size)]
     windows = {}
-    for key, value in state.items():
-        key = key.removeprefix("encoder.").removeprefix("module.")
+    for key, value in weights.state.items():
+        key = key.removeprefix("module.").removeprefix("encoder.")
         if key.endswith("attn.relative_coords_table") and key.startswith("layers."):
             stage = int(key.split(".")[1])
             windows.setdefault(stage, (value.shape[1] + 1) // 2)
@@ -219,8 +196,6 @@ def make_optimizer(wrapped: nn.Module, model: nn.Module, cfg: TrainConfig):
     """AdamW with the official groups; ZeRO-1 (sharded states) under ``--sharding zero1``."""
     if cfg.sharding == "zero1" and torch.distributed.is_initialized():
         from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        from ..train.optim import param_groups
 
         groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
         for g in groups:

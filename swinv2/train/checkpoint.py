@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..fileio import atomic_file, write_error
-from ..loading import CheckpointError, read_checkpoint
+from ..files import CheckpointError, read_checkpoint
 
 LAST = "checkpoint-last.pt"
 BEST = "checkpoint-best.pt"

@@ -1,0 +1,3 @@
+"""The version of swinv2, written into the files it saves."""
+
+__version__ = "0.1.0"
