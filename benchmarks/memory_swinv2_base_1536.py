@@ -26,14 +26,14 @@ CASES = [
 ]
 CODE = r"""
 import gc, json, time, torch, swinv2
-from swinv2.memory import _rss_kb, _trim
+from swinv2.memory import rss_kb, trim_heap
 kw = dict(img_size=1536, window_size=32, drop_path_rate=0.0, num_classes=1000, grad_checkpointing={ck!r},
           sequential_attention={sq!r})
 warm = swinv2.create_model("swinv2_base_window12_192", **dict(kw, img_size=64)).train()
 with torch.autocast("cpu", dtype=torch.bfloat16):
     warm(torch.randn(1, 3, 64, 64)).float().sum().backward()
 del warm; gc.collect()
-_trim(); base = _rss_kb("VmRSS")
+trim_heap(); base = rss_kb("VmRSS")
 model = swinv2.create_model("swinv2_base_window12_192", **kw).train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
 x, y = torch.randn(1, 3, 1536, 1536), torch.zeros(1).long()
@@ -46,7 +46,7 @@ for _ in range(2):
     loss.backward()
     opt.step()
     times.append(time.perf_counter() - t0)
-print(json.dumps(dict(peak=(_rss_kb("VmHWM") - base) * 1024, times=times)))
+print(json.dumps(dict(peak=(rss_kb("VmHWM") - base) * 1024, times=times)))
 """
 
 

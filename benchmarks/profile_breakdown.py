@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from swinv2.bench import Case, _Runner, matmul_rate
+from swinv2.bench import Case, Runner, matmul_rate
 from swinv2.variants import create_model, get_variant
 
 MODEL = "swinv2_tiny_window8_256"
@@ -310,7 +310,7 @@ def scope_cpb(model: torch.nn.Module) -> None:
 
 def profile_case(impl: str, case: Case, warmup: int, steps: int, timed: int) -> dict:
     torch.manual_seed(0)
-    runner = _Runner(impl, case)
+    runner = Runner(impl, case)
     scope_cpb(runner.model)
     classifier = Classifier(case.model)
     with scoped_normalize():

@@ -33,18 +33,18 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import swinv2
-from swinv2.memory import _rss_kb, _trim, estimate_training_memory
+from swinv2.memory import estimate_training_memory, rss_kb, trim_heap
 from swinv2.train.distributed import Dist, wrap_model
 
 GiB = 2**30
 
 
 def _peak_since_reset() -> int:
-    return _rss_kb("VmHWM") * 1024
+    return rss_kb("VmHWM") * 1024
 
 
 def _reset_peak() -> None:
-    _trim()
+    trim_heap()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := current RSS
 
@@ -69,8 +69,8 @@ def _worker(rank: int, world: int, port: int, args, out_dir: str) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
     _warm(rank, world)
-    _trim()
-    base = _rss_kb("VmRSS") * 1024
+    trim_heap()
+    base = rss_kb("VmRSS") * 1024
     phases = {}
 
     _reset_peak()
@@ -88,7 +88,7 @@ def _worker(rank: int, world: int, port: int, args, out_dir: str) -> None:
     local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731
     held = sum(local(p).numel() for p in model.parameters())
     phases["build, shard, init"] = dict(
-        seconds=time.perf_counter() - t0, peak=_peak_since_reset() - base, rss_after=_rss_kb("VmRSS") * 1024 - base
+        seconds=time.perf_counter() - t0, peak=_peak_since_reset() - base, rss_after=rss_kb("VmRSS") * 1024 - base
     )
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)

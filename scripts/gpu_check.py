@@ -207,7 +207,7 @@ def check_memory(case: bench.Case, checks: Checks) -> None:
     peaks = {}
     for impl in ("swinv2", "timm"):
         try:
-            peaks[impl] = bench._measure_memory(case, impl) / 2**20
+            peaks[impl] = bench.peak_memory_here(case, impl) / 2**20
         except ImportError as err:
             print(f"  {impl}: skipped ({err})")
             continue

@@ -10,7 +10,6 @@ CPU, ``max_memory_allocated`` on a GPU).
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import datetime as _dt
 import json
@@ -25,6 +24,10 @@ from pathlib import Path
 
 import torch
 
+from . import fileio, layers, native
+from .layers import _onednn_runs
+from .memory import reset_peak_rss, rss_kb, trim_heap
+from .model import DEFAULT_BATCH_CHUNK_MB
 from .train.precision import native_bf16
 from .variants import create_model, get_variant
 
@@ -93,7 +96,7 @@ class _Logits(torch.nn.Module):
         return self.model(pixel_values=x).logits
 
 
-class _Runner:
+class Runner:
     """One implementation, ready to time one iteration of the case."""
 
     def __init__(self, impl: str, case: Case):
@@ -136,17 +139,14 @@ def _timed(fn) -> float:
 def matmul_rates(dtype: torch.dtype, device: str = "cpu", n: int = 2048, repeats: int = 5) -> dict[str, float]:
     """FLOP/s of an n x n x n matrix multiply on this machine, per kernel that can do it
     (median of repeats, the kernels interleaved): ``torch.matmul`` (BLAS on a CPU, cuBLAS on
-    a GPU) and, on a CPU with oneDNN, oneDNN's inner product, which can be much faster (2.4x
-    on a 2-core AMD AVX-512 CPU, where BLAS picks a narrower code path)."""
+    a GPU) and, on a CPU with oneDNN, oneDNN's inner product, which can be much faster where
+    BLAS picks a narrower vector code path than the CPU has."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     kernels = {"torch.matmul": lambda: a @ b}
-    if device == "cpu" and torch.backends.mkldnn.is_available():
-        from .layers import _onednn_runs
-
-        if _onednn_runs(dtype):  # a @ b.T: the same FLOPs
-            kernels["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    if device == "cpu" and torch.backends.mkldnn.is_available() and _onednn_runs(dtype):  # a @ b.T: the same FLOPs
+        kernels["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
     times = {name: [] for name in kernels}
     for fn in kernels.values():
         fn(), sync()
@@ -164,6 +164,35 @@ def matmul_rate(dtype: torch.dtype, device: str = "cpu", n: int = 2048, repeats:
     return max(matmul_rates(dtype, device, n, repeats).values())
 
 
+def machine_rates(dtypes, device: str = "cpu") -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """(the machine's matmul rate per dtype, every kernel's rate per dtype) for fp32 and, when
+    ``dtypes`` holds it, bf16: see :func:`matmul_rates`."""
+    kernels = {"fp32": matmul_rates(torch.float32, device)}
+    if "bf16" in dtypes:
+        kernels["bf16"] = matmul_rates(torch.bfloat16, device)
+    return {k: max(v.values()) for k, v in kernels.items()}, kernels
+
+
+def forward_times(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> tuple[torch.Tensor, list[float]]:
+    """(logits, seconds of each of ``repeats`` inference forward passes of ``x``)."""
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            logits = model(x)
+            times.append(time.perf_counter() - t0)
+    return logits, times
+
+
+def run_case(case: Case, impls=IMPLS, rounds: int = 7, memory: bool = False, log=print) -> dict:
+    """One row of the report: :func:`run_speed` of the case and, with ``memory``, each timed
+    implementation's :func:`peak_memory`."""
+    row = dict(case=dataclasses.asdict(case), label=case.label(), **run_speed(case, impls, rounds, log=log))
+    if memory:
+        row["memory"] = {impl: peak_memory(case, impl) for impl in row["results"]}
+    return row
+
+
 def run_speed(case: Case, impls=IMPLS, rounds: int = 7, warmup: int = 2, log=print,
               rate_n: int = 2048) -> dict:
     """Interleaved timing of each implementation; returns per-implementation results and
@@ -173,7 +202,7 @@ def run_speed(case: Case, impls=IMPLS, rounds: int = 7, warmup: int = 2, log=pri
     runners, skipped = {}, {}
     for impl in impls:
         try:
-            runners[impl] = _Runner(impl, case)
+            runners[impl] = Runner(impl, case)
         except (ImportError, LookupError) as err:
             skipped[impl] = str(err)
             log(f"  {impl}: skipped ({err})")
@@ -208,8 +237,8 @@ def run_speed(case: Case, impls=IMPLS, rounds: int = 7, warmup: int = 2, log=pri
 def peak_memory(case: Case, impl: str) -> int | None:
     """Peak memory of one iteration, in bytes, measured in a fresh subprocess."""
     code = (
-        "import json, sys, dataclasses; from swinv2.bench import Case, _measure_memory; "
-        f"print(json.dumps(_measure_memory(Case(**{dataclasses.asdict(case)!r}), {impl!r})))"
+        "import json, sys, dataclasses; from swinv2.bench import Case, peak_memory_here; "
+        f"print(json.dumps(peak_memory_here(Case(**{dataclasses.asdict(case)!r}), {impl!r})))"
     )
     # A fixed mmap threshold makes glibc return large freed blocks to the OS at once, so the
     # resident set follows the tensors that are alive.
@@ -220,40 +249,25 @@ def peak_memory(case: Case, impl: str) -> int | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _measure_memory(case: Case, impl: str) -> int | None:
+def peak_memory_here(case: Case, impl: str) -> int | None:
     """In this process: build, run one warm-up iteration, then the peak of one iteration
     above the memory held before it (model, optimizer state and inputs excluded)."""
-    runner = _Runner(impl, case)
+    runner = Runner(impl, case)
     runner.step()
     if case.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         runner.step()
         return torch.cuda.max_memory_allocated() - base
-    try:  # hand memory freed by the warm-up back to the OS, so the step cannot hide in it
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    with open("/proc/self/clear_refs", "w") as f:  # resets the peak resident set (VmHWM)
-        f.write("5")
-    base = _status_kb("VmRSS")
+    trim_heap()  # memory freed by the warm-up goes back to the OS, so the step cannot hide in it
+    reset_peak_rss()
+    base = rss_kb("VmRSS")
     runner.step()
-    return (_status_kb("VmHWM") - base) * 1024
+    return (rss_kb("VmHWM") - base) * 1024
 
 
 def swinv2_settings() -> str:
     """swinv2's speed settings the bench runs with (the library's defaults)."""
-    from . import layers, native
-    from .model import DEFAULT_BATCH_CHUNK_MB
-
     return (f"batch chunks of at most {DEFAULT_BATCH_CHUNK_MB:g} MiB per block tensor on a CPU (batch_chunk_mb), "
             f"oneDNN Linear layers {'on' if layers.ONEDNN_LINEAR else 'off'} (layers.ONEDNN_LINEAR), "
             f"native window attention (float32, bfloat16) {native.status()} (swinv2.native)")
@@ -261,9 +275,9 @@ def swinv2_settings() -> str:
 
 def cpu_description(cpuinfo: str = "/proc/cpuinfo", cache_root: str = "/sys/devices/system/cpu/cpu0/cache") -> str:
     """The CPU's model name with its family and model numbers and its L2 and L3 caches, e.g.
-    ``AMD EPYC (family 25, model 17; L2 1024K, L3 32768K)``: virtual machines often report a
-    bare "AMD EPYC", and two generations of it run the same code at different rates (AVX-512
-    at full or half width), so a report says which it was timed on."""
+    ``NAME (family F, model M; L2 1024K, L3 32768K)``: virtual machines often report only a
+    product line, whose generations can run the same code at different rates (vector units of
+    full or half width), so a report says which it was timed on."""
     fields: dict[str, str] = {}
     try:
         with open(cpuinfo) as f:
@@ -309,6 +323,26 @@ def environment(device: str = "cpu") -> dict:
         except ImportError:
             info[pkg] = "not installed"
     return info
+
+
+def save_report(folder: str | os.PathLike, env: dict, command: str, rows: list[dict], rates: dict,
+                kernels: dict | None = None) -> str:
+    """Write the report (:func:`report_markdown`) and its data as ``DATE-MODEL-DEVICE.md`` and
+    ``.json`` in ``folder``; a later run the same day is named with its time (and a number
+    within the same minute), so that earlier reports stay. ``rows`` (one model on one device,
+    at least one case) name the files. Returns the path without suffix."""
+    os.makedirs(folder, exist_ok=True)
+    case = rows[0]["case"]
+    name = f"{case['model']}-{case['device'].split(':')[0]}"
+    day, hhmm = env["date"][:10], env["date"][11:16].replace(":", "")
+    stem, n = os.path.join(folder, f"{day}-{name}"), 1
+    while os.path.exists(stem + ".md") or os.path.exists(stem + ".json"):
+        n += 1
+        stem = os.path.join(folder, f"{day}-{hhmm}{'' if n == 2 else f'-{n - 1}'}-{name}")
+    fileio.write_text(stem + ".md", report_markdown(env, command, rows, rates, kernels))
+    fileio.write_text(stem + ".json", json.dumps(
+        dict(environment=env, command=command, matmul_rate=rates, matmul_kernels=kernels, rows=rows), indent=1))
+    return stem
 
 
 def report_markdown(env: dict, command: str, rows: list[dict], rates: dict, kernels: dict | None = None) -> str:

@@ -1,4 +1,4 @@
-"""``swinv2 export``: ONNX, TorchScript or ``torch.export`` files, verified in the same call.
+"""ONNX, TorchScript or ``torch.export`` files, verified in the same call (``swinv2 export``).
 
 Every export is loaded back from the file it wrote and run against the eager model: at the
 export shape, at another batch size when the batch is dynamic, and at another image size when a
@@ -22,7 +22,6 @@ import importlib.util
 import io
 import os
 import re
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -165,10 +164,10 @@ def _quiet():
 
 def _write_onnx(model, example, path, dynamic_batch, dynamic_size, opset, notes):
     """The dynamo-based exporter on the reference (unfused) attention, then on the fused one,
-    last the TorchScript-based exporter. The reference path comes first because torch 2.14's
-    ONNX decomposition of the fused ``scaled_dot_product_attention`` fails on this model (a view
-    of its non-contiguous output), and ONNX Runtime runs the attention as plain ops either way:
-    the two paths are the same math (see WindowAttention._fused)."""
+    last the TorchScript-based exporter. The reference path comes first because torch's ONNX
+    decomposition of the fused ``scaled_dot_product_attention`` can fail on this model (a view of
+    its non-contiguous output), and ONNX Runtime runs the attention as plain ops either way: the
+    two paths are the same math (the explicit product and softmax, or the fused call)."""
     attempts = [
         ("torch.onnx dynamo exporter (reference attention path)", True, True),
         ("torch.onnx dynamo exporter (fused attention)", True, False),
@@ -382,62 +381,6 @@ def _export(model, path: Path, tmp: Path, fmt: str, example, dynamic_batch: bool
     notes = list(dict.fromkeys(notes))  # the dynamic-size attempt and the fixed one may fail alike
     return ExportReport(path, fmt, exporter, dynamic_batch, dyn_size_ok, tolerance, used_opset, checks, notes,
                         time.perf_counter() - start)
-
-
-# -- command line -------------------------------------------------------------------------------
-
-
-def cmd_export(args) -> int:
-    from .cli import check_model_size, require
-    from .predict import load_for_inference
-
-    if args.model is None and args.checkpoint is None:
-        raise ValueError("export needs --model NAME_OR_TAG or --checkpoint PATH")
-    if args.format == "onnx":
-        require("export --format onnx", *ONNX_MODULES)
-    fileio.check_writable(args.output, "--output")  # before the model is loaded and exported
-    if os.path.splitext(args.output)[1].lower() != SUFFIXES[args.format]:
-        print(f"note: {args.format} files are usually named *{SUFFIXES[args.format]}", file=sys.stderr)
-    loaded = load_for_inference(args.model, args.checkpoint)
-    model = loaded.model.float().cpu()
-    if loaded.random_weights:
-        print(f"note: {args.model} has random weights (fine for checking the export; for a useful file give "
-              "registered weights arch.tag or --checkpoint)", file=sys.stderr)
-    size = args.img_size or model.img_size
-    check_model_size(model, size)
-    example = torch.randn(args.batch_size, model.in_chans, *size, generator=torch.Generator().manual_seed(0))
-    report = export(model, args.output, args.format, example=example, dynamic_batch=args.dynamic_batch,
-                    dynamic_size=args.dynamic_size, opset=args.opset, strict=False)
-    print("\n".join(report.lines()))
-    if not report.ok:
-        report.path.unlink(missing_ok=True)
-        print(f"swinv2: error: the exported file does not reproduce the model (rel err {report.max_rel:.2e} > "
-              f"{report.tolerance:.0e}, or a check failed to run); {report.path} was deleted", file=sys.stderr)
-        return 1
-    return 0
-
-
-def register(subparsers) -> None:
-    import argparse
-
-    from .cli import parse_size, positive_int
-
-    p = subparsers.add_parser("export", help="export to ONNX, TorchScript or torch.export, verified against eager")
-    p.add_argument("--model", default=None, metavar="NAME_OR_TAG",
-                   help="an architecture (random weights) or registered weights arch.tag; with --checkpoint, "
-                        "the architecture of a file that does not say it")
-    p.add_argument("--checkpoint", default=None, metavar="PATH",
-                   help="weights: a swinv2 .safetensors file or any checkpoint")
-    p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--output", required=True, metavar="FILE")
-    p.add_argument("--img-size", type=parse_size, default=None, help="N or HxW to export at (default: the model's)")
-    p.add_argument("--batch-size", type=positive_int, default=2, help="batch of the traced example")
-    p.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=True,
-                   help="accept any batch size (default: yes)")
-    p.add_argument("--dynamic-size", action="store_true",
-                   help="try to accept any image size; reported as not supported when the format cannot")
-    p.add_argument("--opset", type=positive_int, default=None, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    p.set_defaults(func=cmd_export)
 
 
 __all__ = ["FORMATS", "Check", "ExportReport", "ExportVerificationError", "export", "second_size"]

@@ -5,8 +5,8 @@ The estimate counts, per block, the tensors autograd keeps for backward (the sam
 weights, gradients, optimizer states and autocast's low-precision weight copies, and walks the
 backward pass block by block (activations are freed from the last block back while gradients
 appear) to find the peak. Only the transient ``workspace`` of one block's backward and the
-fixed ``runtime`` overhead of torch's CPU kernels are calibrated constants, fitted once to peak
-RSS measured on this machine (2-core x86 CPU, torch 2.14) and stated where they are defined.
+fixed ``runtime`` overhead of torch's CPU kernels are calibrated constants, fitted to measured
+peak RSS (:func:`measure_training_memory`; the measurements are in benchmarks/).
 
 ``swinv2 memory --model NAME ... [--measure]`` prints the breakdown, and with ``--measure`` runs
 real AdamW training steps in a subprocess and prints the measured peak beside the prediction.
@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import gc
 import json
 import math
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import torch
 
-from .layers import SCORE_TENSORS
+from .layers import DEFAULT_ATTENTION_BUDGET_MB, SCORE_TENSORS
+from .model import _stage_spec
 from .model_config import count_params_analytic, stage_windows
+from .variants import create_model
 
 MiB = 2**20
 DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -51,11 +55,9 @@ _WORKSPACE_TC = 8
 _WORKSPACE_SCORES = 2
 # Calibrated: memory a training step takes beyond the tensors counted here (allocator slack,
 # kernel scratch buffers), once torch's runtime is warm (measure_training_memory warms it):
-# the measured excess of the debug model at 32-128 px, where the counted tensors are tiny.
-# It depends on the CPU: in fp32 4 MiB on a 2-core Zen 5 EPYC and 19-24 MiB on a 2-core Zen 4
-# one (the oneDNN and BLAS kernels keep per-CPU scratch), so fp32 takes the middle, 14 MiB:
-# 10 MiB off either host's fit, 11% of the debug model's 88-98 MiB step at 128 px. bf16
-# measured 36 MiB on the Zen 5 host and 38-40 on the Zen 4 one.
+# the measured excess of the debug model at 32-128 px, where the counted tensors are tiny. It
+# depends on the CPU, because the oneDNN and BLAS kernels keep scratch buffers sized to it; the
+# values sit between the CPUs measured (the fits are in benchmarks/).
 RUNTIME_MB = {"fp32": 14.0, "bf16": 36.0, "fp16": 36.0}
 
 
@@ -95,8 +97,6 @@ def _pair(v) -> tuple[int, int]:
 
 def _model_config(model_or_name, img_size, window) -> dict:
     if isinstance(model_or_name, str):
-        from .variants import create_model
-
         overrides = {}
         if img_size is not None:
             overrides["img_size"] = img_size
@@ -136,11 +136,8 @@ def estimate_training_memory(
     (each block a unit, the rest of the network the root unit) shards weights, gradients and
     states; the root's weights stay gathered through forward and backward, and during a block's
     backward its full weights and gradients, the next block's weights (prefetched) and the
-    previous block's reduce-scatter input are alive (measured: benchmarks/2026-12-01-sharded-budget-cpu.md).
+    previous block's reduce-scatter input are alive (measured: benchmarks/, the sharded-budget report).
     """
-    from .layers import DEFAULT_ATTENTION_BUDGET_MB
-    from .model import _stage_spec
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if optimizer not in OPTIMIZER_STATES:
@@ -319,7 +316,8 @@ def measure_training_memory(model_name: str, img_size: int, window: int | None, 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _rss_kb(field: str) -> int:
+def rss_kb(field: str = "VmRSS") -> int:
+    """This process's resident set in KiB (Linux): ``VmRSS`` now, ``VmHWM`` at its peak."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -327,19 +325,22 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _trim() -> None:
+def trim_heap() -> None:
+    """Hand memory that glibc's malloc keeps after frees back to the system, so that a later
+    peak is not hidden in it (a no-op without glibc)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
 
 
+def reset_peak_rss() -> None:
+    """Make the peak resident set (``VmHWM``) start again from the current one (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _measure(model_name, img_size, window, batch_size, dtype, grad_checkpointing, sequential_attention, steps):
-    import gc
-    from contextlib import nullcontext
-
-    from .variants import create_model
-
     kw = dict(drop_path_rate=0.0)
     if window:
         kw["window_size"] = window
@@ -357,9 +358,9 @@ def _measure(model_name, img_size, window, batch_size, dtype, grad_checkpointing
         loss.backward()
         opt.step()
 
-    # Warm up torch's runtime (library code pages, kernel caches, thread pools: ~180 MiB in
-    # fp32 and ~220 MiB in bf16 on this CPU, the same for any model) with the same network at
-    # a small size, so that the increase measured below is the training step's own memory.
+    # Warm up torch's runtime (library code pages, kernel caches, thread pools: the same for any
+    # model) with the same network at a small size, so that the increase measured below is the
+    # training step's own memory.
     small = create_model(model_name, img_size=64, **kw).train()
     step(small, torch.optim.AdamW(small.parameters(), lr=1e-6), torch.randn(1, 3, 64, 64), torch.zeros(1).long())
     del small
@@ -367,77 +368,13 @@ def _measure(model_name, img_size, window, batch_size, dtype, grad_checkpointing
     torch.manual_seed(0)
     x = torch.randn(batch_size, 3, img_size, img_size)
     y = torch.randint(0, 10, (batch_size,))
-    _trim()
-    base = _rss_kb("VmRSS")
+    trim_heap()
+    base = rss_kb("VmRSS")
     model = create_model(model_name, img_size=img_size, **kw).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     for i in range(steps):
         if i == steps - 1:
-            _trim()
-            with open("/proc/self/clear_refs", "w") as f:  # resets the peak resident set (VmHWM)
-                f.write("5")
+            trim_heap()
+            reset_peak_rss()
         step(model, opt, x, y)
-    return (_rss_kb("VmHWM") - base) * 1024
-
-
-# -- command line ----------------------------------------------------------------------------
-
-
-def _stages_arg(values):
-    """[] (flag given alone) -> True (all stages); None -> off; else the list."""
-    if values is None:
-        return False
-    return True if len(values) == 0 else [int(v) for v in values]
-
-
-def cmd_memory(args) -> int:
-    ckpt = _stages_arg(args.checkpointing)
-    seq = _stages_arg(args.sequential)
-    if seq is not False and args.chunk:
-        seq = dict.fromkeys(range(4) if seq is True else seq, args.chunk)
-    est = estimate_training_memory(
-        args.model, img_size=args.img_size, window=args.window, batch_size=args.batch_size, dtype=args.dtype,
-        grad_checkpointing=ckpt, sequential_attention=seq, memory_budget_mb=args.budget_mb,
-        optimizer=args.optimizer, zero_world_size=args.zero, fsdp_world_size=args.fsdp,
-    )
-    print(f"{args.model}: {est.num_params / 1e6:.2f}M parameters, {est.case['img_size'][0]}px, "
-          f"window {est.case['window']}, batch {args.batch_size}, {args.dtype}, "
-          f"checkpointing {ckpt or 'off'}, sequential attention {seq or 'off'}")
-    print(est.table())
-    if args.measure:
-        if args.zero > 1 or args.fsdp > 1:
-            print("--measure runs one process: the measured number is unsharded", file=sys.stderr)
-        measured = measure_training_memory(args.model, args.img_size or est.case["img_size"][0], args.window,
-                                           args.batch_size, args.dtype, ckpt, seq)
-        if args.zero > 1 or args.fsdp > 1:
-            est = estimate_training_memory(args.model, img_size=args.img_size, window=args.window,
-                                           batch_size=args.batch_size, dtype=args.dtype, grad_checkpointing=ckpt,
-                                           sequential_attention=seq, memory_budget_mb=args.budget_mb,
-                                           optimizer=args.optimizer)
-        err = (est.peak - measured) / measured
-        print(f"measured peak RSS increase: {measured / MiB:.1f} MiB; predicted {est.peak / MiB:.1f} MiB "
-              f"({err:+.1%})")
-    return 0
-
-
-def register(subparsers) -> None:
-    from .cli import non_negative_int, parse_side, positive_float, positive_int, window_arg
-
-    p = subparsers.add_parser("memory", help="estimate (and optionally measure) training memory")
-    p.add_argument("--model", default="swinv2_tiny_window8_256", metavar="NAME")
-    p.add_argument("--img-size", type=parse_side, default=None)
-    p.add_argument("--window", type=window_arg, default=None)
-    p.add_argument("--batch-size", type=positive_int, default=1)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16/fp16: autocast")
-    p.add_argument("--checkpointing", nargs="*", type=non_negative_int, default=None, metavar="STAGE",
-                   help="activation checkpointing (no stages: all)")
-    p.add_argument("--sequential", nargs="*", type=non_negative_int, default=None, metavar="STAGE",
-                   help="sequential attention (no stages: all)")
-    p.add_argument("--chunk", type=positive_int, default=None,
-                   help="windows per sequential chunk (default: from budget)")
-    p.add_argument("--budget-mb", type=positive_float, default=None, help="sequential attention score budget (MiB)")
-    p.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATES), default="adamw")
-    p.add_argument("--zero", type=positive_int, default=1, help="ZeRO-1 world size (shards optimizer states)")
-    p.add_argument("--fsdp", type=positive_int, default=1, help="FSDP world size (shards weights, grads, states)")
-    p.add_argument("--measure", action="store_true", help="also run real training steps and measure peak RSS")
-    p.set_defaults(func=cmd_memory)
+    return (rss_kb("VmHWM") - base) * 1024

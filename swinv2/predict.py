@@ -1,5 +1,5 @@
-"""``swinv2 predict``: the top-k classes of images (or folders of images), preprocessed the way
-the weights were evaluated.
+"""The top-k classes of images (or folders of images), preprocessed the way the weights were
+evaluated (``swinv2 predict``).
 
 The preprocessing belongs to the weights, not to the command: a registered weight tag brings
 its official crop policy (centre crop at 256, squash at 384), a file written by
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from . import fileio
 from .data.images import is_regular_file, open_rgb
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from .layers import to_2tuple
@@ -271,72 +270,6 @@ def format_rows(rows: list[dict], fmt: str) -> str:
     if fmt == "table":
         return format_table(rows)
     raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-
-
-# -- command line -----------------------------------------------------------------------------
-
-
-def random_weights_warning(name: str) -> str:
-    tags = [n for n in PRETRAINED if n.split(".", 1)[0] == name]
-    hint = f"--model {tags[0]}" if tags else "--model ARCH.TAG (see 'swinv2 pretrained')"
-    return (f"WARNING: {name} is an architecture name without weights: the model is RANDOMLY INITIALISED and "
-            f"its predictions are MEANINGLESS. Use {hint} or --checkpoint FILE.")
-
-
-def cmd_predict(args) -> int:
-    from .cli import check_model_size
-    from .train.distributed import check_device
-
-    if args.model is None and args.checkpoint is None:
-        raise ValueError("predict needs --model TAG_OR_NAME or --checkpoint PATH")
-    device = check_device(args.device or "auto")
-    if args.output:
-        fileio.check_writable(args.output, "--output")  # before the model is built and the images read
-    files = find_images(args.paths)  # bad paths fail before the model is built or downloaded
-    loaded = load_for_inference(args.model, args.checkpoint)
-    if args.img_size:
-        check_model_size(loaded.model, args.img_size)
-    if loaded.random_weights:
-        print(random_weights_warning(args.model), file=sys.stderr)
-    pre = loaded.preprocess
-    if args.img_size:
-        pre.img_size = args.img_size
-    net = loaded.model.to(device)
-    names = class_names_for(net.num_classes, loaded.class_names, args.labels)
-    print(f"{loaded.source}: {net.num_classes} classes; {pre.describe()}; {len(files)} images", file=sys.stderr)
-    rows = predict(net, files, transform=pre.transform(), class_names=names, topk=args.topk,
-                   batch_size=args.batch_size, progress=not args.quiet)
-    text = format_rows(rows, args.format)
-    if args.output:
-        fileio.write_bytes(args.output, text.encode("utf-8"))  # a failed write leaves an earlier file as it was
-    else:
-        sys.stdout.write(text)
-    failed = sum(not r["ok"] for r in rows)
-    if failed:
-        print(f"swinv2: {failed} of {len(rows)} images could not be read", file=sys.stderr)
-    return 1 if failed == len(rows) else 0
-
-
-def register(subparsers) -> None:
-    from .cli import parse_size, positive_int
-
-    p = subparsers.add_parser("predict", help="top-k classes of images or folders of images")
-    p.add_argument("paths", nargs="+", metavar="IMAGE_OR_FOLDER", help="images, or folders searched recursively")
-    p.add_argument("--model", default=None, metavar="TAG_OR_NAME",
-                   help="registered weights (arch.tag, see 'swinv2 pretrained'), or an architecture: with "
-                        "--checkpoint, the architecture of the file; alone, random weights (for testing only)")
-    p.add_argument("--checkpoint", default=None, metavar="PATH",
-                   help="a swinv2 .safetensors file, a training checkpoint, or any checkpoint (with --model)")
-    p.add_argument("--topk", type=positive_int, default=5)
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--img-size", type=parse_size, default=None,
-                   help="N or HxW: evaluate at this size instead of the weights' own (same crop policy)")
-    p.add_argument("--labels", default=None, metavar="FILE", help="class names, one per line, in index order")
-    p.add_argument("--format", choices=FORMATS, default="table")
-    p.add_argument("--output", default=None, metavar="FILE", help="write the results here instead of stdout")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_predict)
 
 
 __all__ = [

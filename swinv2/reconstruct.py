@@ -1,7 +1,7 @@
-"""Pictures of SimMIM at work (input, masked input, prediction) and ``swinv2 reconstruct``.
+"""Pictures of SimMIM at work: input, masked input, prediction (``swinv2 reconstruct``).
 
-``swinv2 reconstruct CHECKPOINT IMAGES...`` reads a SimMIM checkpoint, hides part of each image
-with seeded masks and writes a PNG grid of what the model predicts there. Checkpoints:
+:func:`load_simmim` reads a SimMIM checkpoint, :func:`reconstruct` hides part of each image with
+seeded masks and predicts it, and :func:`save_reconstruction_grid` draws the result. Checkpoints:
 
 - written by ``swinv2 pretrain`` (or any ``torch.save``'d dict of that form):
   ``{"model": simmim.state_dict(), "model_config": simmim.encoder.config, "config": {...}}``,
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -153,61 +154,42 @@ def load_simmim(path: str | os.PathLike, *, model: str | None = None, img_size: 
     return sim.eval(), settings
 
 
-# -- the command ----------------------------------------------------------------------------
+# -- predicting hidden areas ---------------------------------------------------------------
 
 
-def _window_arg(text: str) -> int | None | str:
-    if text.lower() in ("auto", "none", "off"):
-        return None if text.lower() != "auto" else "auto"
-    return int(text)
-
-
-def cmd_reconstruct(args) -> int:
-    sim, settings = load_simmim(args.checkpoint, model=args.model, img_size=args.img_size,
-                                window_size=args.window_size, norm_target_window=args.norm_target_window)
-    size = settings["img_size"]
-    tf = eval_transform(size, crop_pct=1.0, crop_mode="squash")  # the whole image, resized
+def read_images(paths: Sequence[str | os.PathLike], size: int) -> torch.Tensor:
+    """The whole images resized to ``size`` x ``size`` and normalised: (B, 3, size, size). An
+    image that cannot be read (a FIFO, a truncated file) is a one-line ValueError naming it."""
+    tf = eval_transform(size, crop_pct=1.0, crop_mode="squash")
     images = []
-    for path in args.images:
+    for path in paths:
         try:
             images.append(tf(open_rgb(path)))  # a FIFO is refused, not opened
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
-    x = torch.stack(images)  # (B, 3, size, size)
-    masker = MaskGenerator(size, args.mask_patch or settings["mask_patch"], sim.patch_size,
-                           args.mask_ratio or settings["mask_ratio"], seed=args.seed)
-    masks = masker.batch(len(images))  # (B, size/p, size/p)
-    sim = sim.to(args.device)
+    return torch.stack(images)
+
+
+@dataclasses.dataclass
+class Reconstruction:
+    """What :func:`reconstruct` predicted, on the CPU."""
+
+    masks: torch.Tensor  # (B, H/p, W/p) token masks, 1 = hidden
+    predictions: torch.Tensor  # (B, C, H, W): the decoder's outputs
+    loss: float  # SimMIM's masked L1 loss
+    hidden: int  # mask cells hidden per image
+    cells: int  # mask cells per image
+
+
+def reconstruct(sim: SimMIM, images: torch.Tensor, *, mask_patch: int, mask_ratio: float, seed: int = 0,
+                device="cpu") -> Reconstruction:
+    """Hide ``mask_ratio`` of each image's ``mask_patch``-pixel squares (masks seeded by
+    ``seed``) and predict them. ``images``: (B, C, H, W) as :func:`read_images` gives them."""
+    masker = MaskGenerator(tuple(images.shape[-2:]), mask_patch, sim.patch_size, mask_ratio, seed=seed)
+    masks = masker.batch(len(images))  # (B, H/p, W/p)
+    sim = sim.to(device)
+    x, m = images.to(device), masks.to(device)
     with torch.no_grad():
-        rec, _ = sim.reconstruct(x.to(args.device), masks.to(args.device))
-        loss = sim(x.to(args.device), masks.to(args.device))
-    save_reconstruction_grid(x, masks, rec.cpu(), args.output, norm_target_window=sim.norm_target_window)
-    target = f"locally normalised target (window {sim.norm_target_window})" if sim.norm_target_window else "pixels"
-    print(f"{settings['model']}: masked L1 loss {loss.item():.4f} on {len(images)} image(s) at {size}px, "
-          f"{masker.count} of {masker.cells[0] * masker.cells[1]} cells hidden, {target}; picture: {args.output}")
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("reconstruct", help="picture of a SimMIM checkpoint's predictions of hidden image areas",
-                       description=__doc__.split("\n\n", 1)[1], formatter_class=_raw_formatter())
-    p.add_argument("checkpoint", help="SimMIM checkpoint: from `swinv2 pretrain`, or an official pre-training file")
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--output", default="reconstruction.png", help="PNG to write (default: %(default)s)")
-    p.add_argument("--img-size", type=int, default=None, help="default: the pre-training size")
-    p.add_argument("--mask-ratio", type=float, default=None, help="default: the pre-training ratio (official 0.6)")
-    p.add_argument("--mask-patch", type=int, default=None, help="mask square in pixels; default: pre-training's (32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the masks (default: %(default)s)")
-    p.add_argument("--model", default=None, help="architecture of an official checkpoint (see `swinv2 list`)")
-    p.add_argument("--window-size", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--norm-target-window", type=_window_arg, default="auto",
-                   help="odd window of the local target normalisation, or 'none'; default: the checkpoint's "
-                        "(official files: 47)")
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=cmd_reconstruct)
-
-
-def _raw_formatter():
-    import argparse
-
-    return argparse.RawDescriptionHelpFormatter
+        predictions, _ = sim.reconstruct(x, m)
+        loss = sim(x, m)
+    return Reconstruction(masks, predictions.cpu(), loss.item(), masker.count, masker.cells[0] * masker.cells[1])

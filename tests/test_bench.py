@@ -56,8 +56,8 @@ def test_report_ratios_and_rate_fraction():
 
 
 def test_peak_memory_grows_with_batch():
-    small = bench._measure_memory(bench.Case(model="swinv2_debug", img_size=64, batch_size=1), "swinv2")
-    large = bench._measure_memory(bench.Case(model="swinv2_debug", img_size=64, batch_size=32), "swinv2")
+    small = bench.peak_memory_here(bench.Case(model="swinv2_debug", img_size=64, batch_size=1), "swinv2")
+    large = bench.peak_memory_here(bench.Case(model="swinv2_debug", img_size=64, batch_size=32), "swinv2")
     assert 0 < small < large
 
 

@@ -1,10 +1,15 @@
 """The swinv2 command line."""
 
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 
+import pytest
+
 from swinv2.cli import main
+from swinv2.train.config import SECTIONS, TrainConfig, flag
 from swinv2.variants import VARIANTS
 
 
@@ -44,7 +49,6 @@ def test_console_script_entry_point():
 
 
 def test_convert_timm_checkpoint_both_ways(tmp_path, capsys):
-    import pytest
     import torch
     from helpers import randomize_, rel_err
 
@@ -84,3 +88,18 @@ def test_pretrained_table(capsys):
     out = capsys.readouterr().out
     assert "swinv2_large_window12to24_192to384.ms_in22k_ft_in1k" in out and "87.6" in out
     assert "resize 384" in out and "swinv2_tiny" not in out
+
+
+def test_train_help_lists_the_flags_by_section(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    starts = [out.index(f"\n{section}:\n") for section in SECTIONS]
+    assert starts == sorted(starts), "sections out of order"
+    ends = starts[1:] + [len(out)]
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "task":  # fixed by the subcommand
+            continue
+        i = SECTIONS.index(f.metadata["section"])
+        at = re.search(rf"\n  {re.escape(flag(f.name))}[ ,\n]", out)
+        assert at and starts[i] < at.start() < ends[i], f"{flag(f.name)} is not listed under {SECTIONS[i]}"

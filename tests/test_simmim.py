@@ -1,7 +1,6 @@
 """SimMIM: mask generation, the masked L1 loss against loop-based references, local target
 normalisation, loading official pre-training checkpoints (fixture parity), pictures and the CLI."""
 
-import argparse
 import math
 
 import numpy as np
@@ -10,8 +9,9 @@ import torch
 from helpers import official_fixture, randomize_, rel_err
 
 import swinv2
+from swinv2.cli import build_parser
 from swinv2.loading import StateDictMismatchError
-from swinv2.reconstruct import load_simmim, register, save_reconstruction_grid
+from swinv2.reconstruct import load_simmim, save_reconstruction_grid
 from swinv2.simmim import MaskGenerator, SimMIM, local_normalize, local_stats
 
 FIXTURE = "official_simmim_img64"
@@ -269,9 +269,7 @@ def _images(tmp_path, n=2):
 
 
 def _run_cli(argv):
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    args = parser.parse_args(["reconstruct", *argv])
+    args = build_parser().parse_args(["reconstruct", *argv])
     return args.func(args)
 
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import swinv2
+from swinv2.cli.training import add_config_arguments, config_from_args
 from swinv2.loading import CheckpointError
 from swinv2.train import checkpoint as ckpt
-from swinv2.train.config import TrainConfig, add_config_arguments, config_from_args
+from swinv2.train.config import TrainConfig
 from swinv2.train.optim import Schedule, param_groups, set_lr
 
 # -- config ----------------------------------------------------------------------------------

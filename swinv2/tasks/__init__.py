@@ -1,1 +1,1 @@
-"""Tasks: supervised training, fine-tuning, SimMIM pre-training and evaluation, each a ``main``."""
+"""Tasks: supervised training, fine-tuning and SimMIM pre-training (each a ``main(cfg)``), and evaluation."""

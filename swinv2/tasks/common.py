@@ -16,10 +16,12 @@ from torch import nn
 
 from .. import fileio
 from ..hub import save_pretrained
+from ..model import SwinTransformerV2
 from ..train import checkpoint as ckpt
 from ..train.config import TrainConfig, write_config
 from ..train.distributed import Dist, all_reduce_sum, unwrap
-from ..train.engine import autocast
+from ..train.engine import NonFiniteLossError, Trainer, autocast
+from ..train.logging import RunLogger
 from ..train.precision import describe_amp
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -203,7 +205,7 @@ def prepare_run(cfg: TrainConfig, env: Dist) -> tuple[TrainConfig, dict | None]:
                    "save_every_steps", "compile", "epochs", "deepspeed_config")
         # Flags typed on the command line (recorded by config_from_args); for a config built in
         # Python, the fields that differ from the defaults.
-        given = getattr(cfg, "_given", None)
+        given = cfg.given_flags
         if given is None:
             defaults = TrainConfig()
             given = {k for k in runtime if getattr(cfg, k) != getattr(defaults, k)}
@@ -244,9 +246,6 @@ def run_loop(cfg: TrainConfig, env: Dist, wrapped: nn.Module, optimizer, loop, s
     Returns the exit code: 0, or 3 when the loss became non-finite. A run that ends without
     a checkpoint (an error, an interrupt) leaves the folder as it found it; one that diverged
     (a non-finite loss) keeps what it logged."""
-    from ..train.engine import NonFiniteLossError, Trainer
-    from ..train.logging import RunLogger
-
     folder = RunFolder(cfg.output) if env.main else None
     logger, done = None, False
     try:
@@ -326,8 +325,6 @@ def model_saver(cfg: TrainConfig, class_names: list[str] | None):
     ``swinv2 predict`` read alone: weights, architecture, class names and eval crop policy."""
 
     def save(state: dict, path: str, info: dict) -> None:
-        from ..model import SwinTransformerV2
-
         model = SwinTransformerV2(**state["model_config"])
         model.load_state_dict(state["model"])
         meta = {

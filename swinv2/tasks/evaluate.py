@@ -3,8 +3,6 @@ at any resolution, with the crop policy that belongs to the weights."""
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from ..data import datasets as D
@@ -38,44 +36,47 @@ def load_weights(checkpoint: str | None, model: str | None, overrides: dict):
     return net, Preprocess(**fields), weights.class_names
 
 
-def run(args) -> dict:
-    overrides = {}
-    if args.window:
-        overrides["window_size"] = args.window
-    model, pre, names = load_weights(args.checkpoint, args.model, overrides)
-    if args.img_size:
-        pre.img_size = args.img_size
-    if args.crop_pct is not None:
-        pre.crop_pct = args.crop_pct
-        pre.crop_mode = "center" if args.crop_pct < 1 else "squash"
-    cfg = TrainConfig(batch_size=args.batch_size, workers=args.workers, amp=args.amp, device=args.device,
-                      crop_pct=pre.crop_pct)
+def evaluate_weights(checkpoint: str | None = None, model: str | None = None, data: str | None = None, *,
+                     img_size: int | None = None, window: int | None = None, crop_pct: float | None = None,
+                     batch_size: int = 64, workers: int = 2, amp: str = "none", device: str = "auto",
+                     seed: int = 0) -> dict:
+    """Top-1, top-5 (fractions), loss, images and skipped images of the weights (see
+    :func:`load_weights`) on the image folder ``data`` (its ``val/`` subfolder when it has one),
+    or on the validation split of the bundled digits (``seed`` picks the split).
+
+    ``img_size``, ``window`` and ``crop_pct`` replace the weights' own; the result also states
+    the resolution, crop and window used."""
+    net, pre, names = load_weights(checkpoint, model, {"window_size": window} if window else {})
+    if img_size:
+        pre.img_size = img_size
+    if crop_pct is not None:
+        pre.crop_pct = crop_pct
+        pre.crop_mode = "center" if crop_pct < 1 else "squash"
+    cfg = TrainConfig(batch_size=batch_size, workers=workers, amp=amp, device=device, crop_pct=pre.crop_pct)
     env = setup(cfg.device)
     try:
-        if args.data is None:
-            dataset = D.DigitsDataset("val", seed=args.seed)
+        if data is None:
+            dataset = D.DigitsDataset("val", seed=seed)
         else:
-            train_root, val_root = D.resolve_folders(args.data, None)
+            train_root, val_root = D.resolve_folders(data, None)
             dataset = D.ImageFolderDataset(val_root or train_root, min_classes=1)
             D.require_readable(dataset, "evaluation")
         classes = list(dataset.classes)
-        out = model.num_classes
-        if out != len(classes):
-            source = args.data or "the bundled digits"
-            raise ValueError(f"the model has {out} outputs but {source} has {len(classes)} classes")
+        if net.num_classes != len(classes):
+            source = data or "the bundled digits"
+            raise ValueError(f"the model has {net.num_classes} outputs but {source} has {len(classes)} classes")
         if names is not None and list(names) != classes:
             raise ValueError(f"the weights were trained on classes {names[:10]}..., the data has {classes[:10]}...")
         tf = eval_transform(pre.img_size, crop_pct=pre.crop_pct, crop_mode=pre.crop_mode,
                             interpolation=pre.interpolation)
-        model.to(env.device)
+        net.to(env.device)
         loader = _SkipCounter(eval_loader(dataset, tf, cfg, env))
-        metrics = evaluate_classifier(model, loader, env, cfg, len(classes))
+        metrics = evaluate_classifier(net, loader, env, cfg, len(classes))
         skipped = torch.tensor(float(loader.skipped), dtype=torch.float64, device=env.device)
         all_reduce_sum(skipped)
         require_images(metrics, dataset, "evaluation")
         return dict(metrics, skipped_images=int(skipped), img_size=pre.img_size, crop_pct=pre.crop_pct,
-                    crop_mode=pre.crop_mode, window=model.window_size[0], checkpoint=args.checkpoint,
-                    model=args.model)
+                    crop_mode=pre.crop_mode, window=net.window_size[0], checkpoint=checkpoint, model=model)
     finally:
         teardown()
 
@@ -90,17 +91,3 @@ class _SkipCounter:
         for batch in self.loader:
             self.skipped += int(batch[-1])
             yield batch
-
-
-def main(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run(args)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"top-1 {result['top1'] * 100:.2f}%  top-5 {result['top5'] * 100:.2f}%  loss {result['loss']:.4f}  "
-              f"on {result['images']} images at {result['img_size']}px ({result['crop_mode']} crop "
-              f"{result['crop_pct']}, window {result['window']})"
-              + (f"; {result['skipped_images']} unreadable images skipped" if result["skipped_images"] else ""))
-    return 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..data import loader as L
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, simmim_transform
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, simmim_transform
 from ..reconstruct import save_reconstruction_grid
 from ..simmim import MaskGenerator, SimMIM
 from ..train.config import TrainConfig
@@ -78,8 +78,6 @@ def _run(cfg: TrainConfig, env: Dist) -> int:
     loader = L.build_loader(L.TransformedDataset(train, tf, seed=cfg.seed), batch_size=cfg.batch_size, train=True,
                             workers=cfg.workers, seed=cfg.seed, rank=env.rank, world_size=env.world_size)
     # Validation: deterministic crops (the eval transform at crop 1.0) and masks fixed by index.
-    from ..data.transforms import eval_transform
-
     val_loader = eval_loader(val, eval_transform(img, crop_pct=1.0, crop_mode="squash"), cfg, env)
 
     def objective(net, inputs, seed):

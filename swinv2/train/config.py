@@ -1,14 +1,13 @@
 """Typed run configuration: one dataclass whose fields are the command-line flags.
 
-Every field has a one-line help text (shown by ``swinv2 train --help``). A recipe file (YAML) is
-a set of field values; the command line overrides it; ``__post_init__`` checks the result. The
-resolved config is written to the run folder and into every checkpoint, so a run can be
-resumed, audited and reproduced from its own files.
+Every field has a one-line help text and a section (``swinv2 train --help`` lists the fields by
+section). A recipe file (YAML) is a set of field values; the command line overrides it;
+``__post_init__`` checks the result. The resolved config is written to the run folder and into
+every checkpoint, so a run can be resumed, audited and reproduced from its own files.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import os
@@ -28,10 +27,17 @@ DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 MAX_IMG_SIZE = 8192
 
 
-def _f(default, help: str, **bounds):
-    """A field with its help text and, for numbers, its valid range: ``ge``/``gt`` (lower bound,
-    inclusive/exclusive), ``le``/``lt`` (upper), ``choices``; a list field's every value is checked."""
-    return field(default=default, metadata={"help": help, **bounds})
+# The sections a field belongs to, in the order ``swinv2 train --help`` shows them.
+SECTIONS = ("model", "data", "optimisation", "schedule", "runtime", "logging")
+
+
+def _f(section: str, default, help: str, **bounds):
+    """A field of ``section`` with its help text and, for numbers, its valid range: ``ge``/``gt``
+    (lower bound, inclusive/exclusive), ``le``/``lt`` (upper), ``choices``; a list field's every
+    value is checked."""
+    if section not in SECTIONS:
+        raise ValueError(f"unknown section {section!r}; one of {SECTIONS}")
+    return field(default=default, metadata={"help": help, "section": section, **bounds})
 
 
 def flag(name: str) -> str:
@@ -55,80 +61,97 @@ class ConfigError(ValueError):
 class TrainConfig:
     """Everything a supervised run, a fine-tune or a SimMIM pre-training needs."""
 
-    # -- what to train --------------------------------------------------------------------
-    task: str = _f("train", "train (from scratch), finetune (from --checkpoint) or pretrain (SimMIM)", choices=TASKS)
-    model: str = _f("swinv2_debug", "variant name (see `swinv2 list`)")
-    img_size: int | None = _f(None, "training resolution (default: the variant's)", ge=1, le=MAX_IMG_SIZE)
-    window: int | None = _f(None, "window size (default: the variant's)", ge=1, le=MAX_IMG_SIZE)
-    drop_path: float | None = _f(None, "stochastic depth rate (default: the variant's)", ge=0, lt=1)
-    checkpoint: str | None = _f(None, "weights to start from (finetune): any format load_pretrained reads")
+    # -- model ----------------------------------------------------------------------------
+    task: str = _f("model", "train", "train (from scratch), finetune (from --checkpoint) or pretrain (SimMIM)",
+                   choices=TASKS)
+    model: str = _f("model", "swinv2_debug", "variant name (see `swinv2 list`)")
+    img_size: int | None = _f("model", None, "training resolution (default: the variant's)", ge=1, le=MAX_IMG_SIZE)
+    window: int | None = _f("model", None, "window size (default: the variant's)", ge=1, le=MAX_IMG_SIZE)
+    drop_path: float | None = _f("model", None, "stochastic depth rate (default: the variant's)", ge=0, lt=1)
+    checkpoint: str | None = _f("model", None, "weights to start from (finetune): any format load_pretrained reads")
     pretrained_windows: list[int] | None = _f(
-        None, "pretrained_window_sizes per stage (finetune default: the checkpoint's training window)",
+        "model", None, "pretrained_window_sizes per stage (finetune default: the checkpoint's training window)",
         ge=0, le=MAX_IMG_SIZE,
     )
-    grad_checkpointing: bool = _f(False, "recompute each block in backward to save activation memory")
+    grad_checkpointing: bool = _f("model", False, "recompute each block in backward to save activation memory")
     sequential_attention: list[int] | None = _f(
-        None, "stages whose window attention runs in chunks of windows (memory; paper: 0 1 at 1536px)", ge=0
+        "model", None, "stages whose window attention runs in chunks of windows (memory; paper: 0 1 at 1536px)", ge=0
     )
     # -- data -----------------------------------------------------------------------------
-    data: str | None = _f(None, "image folder (class subfolders, or train/ and val/); default: bundled digits")
-    val: str | None = _f(None, "validation image folder (default: DATA/val, or a held-out part of DATA)")
-    val_fraction: float = _f(0.1, "held-out fraction of DATA when there is no validation folder", gt=0, lt=1)
-    train_fraction: float = _f(1.0, "train on this per-class fraction of the labelled images", gt=0, le=1)
-    workers: int = _f(2, "data loader worker processes", ge=0)
-    auto_augment: str | None = _f("rand-m9-mstd0.5-inc1", "timm RandAugment spec ('none' to turn off)")
-    color_jitter: float = _f(0.4, "colour jitter strength (timm applies it only without RandAugment)", ge=0)
-    reprob: float = _f(0.25, "random erasing probability", ge=0, le=1)
-    crop_scale: float = _f(0.08, "smallest area fraction of RandomResizedCrop", gt=0, le=1)
-    hflip: float = _f(0.5, "horizontal flip probability", ge=0, le=1)
-    mixup: float = _f(0.8, "mixup alpha (0: off)", ge=0)
-    cutmix: float = _f(1.0, "cutmix alpha (0: off)", ge=0)
-    label_smoothing: float = _f(0.1, "label smoothing", ge=0, lt=1)
-    crop_pct: float = _f(0.875, "evaluation: centre-crop fraction (1.0: resize straight to the size)", gt=0, le=1)
-    mask_ratio: float = _f(0.6, "pretrain: fraction of 32px mask patches hidden", gt=0, lt=1)
-    mask_patch: int = _f(32, "pretrain: mask patch size in pixels", ge=1, le=MAX_IMG_SIZE)
-    norm_target_window: int | None = _f(47, "pretrain: local target normalisation window, odd (None: off)", ge=3,
-                                         le=MAX_IMG_SIZE)
+    data: str | None = _f("data", None, "image folder (class subfolders, or train/ and val/); default: bundled "
+                                        "digits")
+    val: str | None = _f("data", None, "validation image folder (default: DATA/val, or a held-out part of DATA)")
+    val_fraction: float = _f("data", 0.1, "held-out fraction of DATA when there is no validation folder", gt=0, lt=1)
+    train_fraction: float = _f("data", 1.0, "train on this per-class fraction of the labelled images", gt=0, le=1)
+    workers: int = _f("data", 2, "data loader worker processes", ge=0)
+    auto_augment: str | None = _f("data", "rand-m9-mstd0.5-inc1", "timm RandAugment spec ('none' to turn off)")
+    color_jitter: float = _f("data", 0.4, "colour jitter strength (timm applies it only without RandAugment)", ge=0)
+    reprob: float = _f("data", 0.25, "random erasing probability", ge=0, le=1)
+    crop_scale: float = _f("data", 0.08, "smallest area fraction of RandomResizedCrop", gt=0, le=1)
+    hflip: float = _f("data", 0.5, "horizontal flip probability", ge=0, le=1)
+    mixup: float = _f("data", 0.8, "mixup alpha (0: off)", ge=0)
+    cutmix: float = _f("data", 1.0, "cutmix alpha (0: off)", ge=0)
+    label_smoothing: float = _f("data", 0.1, "label smoothing", ge=0, lt=1)
+    crop_pct: float = _f("data", 0.875, "evaluation: centre-crop fraction (1.0: resize straight to the size)", gt=0,
+                         le=1)
+    mask_ratio: float = _f("data", 0.6, "pretrain: fraction of 32px mask patches hidden", gt=0, lt=1)
+    mask_patch: int = _f("data", 32, "pretrain: mask patch size in pixels", ge=1, le=MAX_IMG_SIZE)
+    norm_target_window: int | None = _f("data", 47, "pretrain: local target normalisation window, odd (None: off)",
+                                        ge=3, le=MAX_IMG_SIZE)
     # -- optimisation ---------------------------------------------------------------------
-    epochs: int = _f(300, "training epochs", ge=1)
-    warmup_epochs: float = _f(20, "linear warmup length in epochs (stepped per update)", ge=0)
-    batch_size: int = _f(128, "images per process per forward", ge=1)
-    accum_steps: int = _f(1, "gradient accumulation: forwards per optimizer update", ge=1)
-    lr: float = _f(5e-4, "base learning rate per 512 images of global batch (scaled linearly)", gt=0)
-    warmup_lr: float = _f(5e-7, "learning rate at step 0, per 512 images", ge=0)
-    min_lr: float = _f(5e-6, "final learning rate of the cosine, per 512 images", ge=0)
-    weight_decay: float = _f(0.05, "AdamW weight decay (not on norms, biases, logit scales, CPB MLP, pos. emb.)",
-                              ge=0)
-    betas: list[float] = _f((0.9, 0.999), "AdamW betas (two values)", ge=0, lt=1)
-    eps: float = _f(1e-8, "AdamW epsilon", gt=0)
-    clip_grad: float | None = _f(5.0, "clip the global gradient norm (None: off)", gt=0)
-    layer_decay: float = _f(1.0, "layer-wise learning-rate decay (finetune; 1.0: off)", gt=0, le=1)
-    scheduler: str = _f("cosine", "cosine, multistep or constant (after warmup)", choices=SCHEDULERS)
-    milestones: list[float] = _f((), "multistep: epochs at which the learning rate is multiplied by gamma", ge=0)
-    gamma: float = _f(0.1, "multistep: decay factor", gt=0)
-    scale_lr: bool = _f(True, "scale lr, warmup_lr and min_lr by global batch / 512 (official)")
-    amp: str = _f("auto", "mixed precision: auto (bf16 where the device has native bf16, else none), bf16 "
-                          "(CPU and GPU), fp16 (GPU, with loss scaling) or none", choices=AMP_MODES)
-    ema: float = _f(0.0, "exponential moving average decay of the weights (0: off), evaluated alongside", ge=0,
-                    lt=1)
-    # -- run ------------------------------------------------------------------------------
-    output: str = _f("runs/run", "run folder: checkpoints, metrics.jsonl, TensorBoard, plots "
-                                 "(command line default: runs/TASK-DATE-TIME)")
-    resume: bool = _f(False, "continue the run in --output from its last checkpoint")
-    seed: int = _f(0, "seed of everything: sampling, augmentation, mixup, stochastic depth", ge=0, lt=2**32)
-    device: str = _f("auto", "cpu, cuda, cuda:N, mps or auto")
-    threads: int = _f(0, "torch CPU threads (0: torch's default)", ge=0)
-    compile: bool = _f(False, "torch.compile the model")
-    eval_every: int = _f(1, "validate every N epochs (and after the last)", ge=1)
-    save_every_steps: int = _f(0, "also checkpoint every N optimizer updates (0: at epoch ends only)", ge=0)
-    log_every: int = _f(10, "log training metrics every N updates", ge=1)
-    max_steps: int | None = _f(None, "stop after this many updates (for smoke tests and debugging)", ge=1)
-    tensorboard: bool = _f(True, "write TensorBoard logs")
-    progress: bool = _f(True, "show progress bars")
-    sharding: str = _f("none", "across torchrun processes: zero1 (optimizer states), fsdp (everything) or "
-                               "deepspeed (DeepSpeed ZeRO stage 1 or 2, see --deepspeed-config)", choices=SHARDING)
-    deepspeed_config: str | None = _f(None, "with --sharding deepspeed: DeepSpeed JSON config, its zero_optimization "
-                                            "section (default: ZeRO stage 1)")
+    batch_size: int = _f("optimisation", 128, "images per process per forward", ge=1)
+    accum_steps: int = _f("optimisation", 1, "gradient accumulation: forwards per optimizer update", ge=1)
+    lr: float = _f("optimisation", 5e-4, "base learning rate per 512 images of global batch (scaled linearly)", gt=0)
+    scale_lr: bool = _f("optimisation", True, "scale lr, warmup_lr and min_lr by global batch / 512 (official)")
+    weight_decay: float = _f("optimisation", 0.05, "AdamW weight decay (not on norms, biases, logit scales, CPB MLP, "
+                                                   "pos. emb.)", ge=0)
+    betas: list[float] = _f("optimisation", (0.9, 0.999), "AdamW betas (two values)", ge=0, lt=1)
+    eps: float = _f("optimisation", 1e-8, "AdamW epsilon", gt=0)
+    clip_grad: float | None = _f("optimisation", 5.0, "clip the global gradient norm (None: off)", gt=0)
+    layer_decay: float = _f("optimisation", 1.0, "layer-wise learning-rate decay (finetune; 1.0: off)", gt=0, le=1)
+    amp: str = _f("optimisation", "auto", "mixed precision: auto (bf16 where the device has native bf16, else "
+                                          "none), bf16 (CPU and GPU), fp16 (GPU, with loss scaling) or none",
+                  choices=AMP_MODES)
+    ema: float = _f("optimisation", 0.0, "exponential moving average decay of the weights (0: off), evaluated "
+                                         "alongside", ge=0, lt=1)
+    # -- schedule -------------------------------------------------------------------------
+    epochs: int = _f("schedule", 300, "training epochs", ge=1)
+    warmup_epochs: float = _f("schedule", 20, "linear warmup length in epochs (stepped per update)", ge=0)
+    warmup_lr: float = _f("schedule", 5e-7, "learning rate at step 0, per 512 images", ge=0)
+    min_lr: float = _f("schedule", 5e-6, "final learning rate of the cosine, per 512 images", ge=0)
+    scheduler: str = _f("schedule", "cosine", "cosine, multistep or constant (after warmup)", choices=SCHEDULERS)
+    milestones: list[float] = _f("schedule", (), "multistep: epochs at which the learning rate is multiplied by "
+                                                 "gamma", ge=0)
+    gamma: float = _f("schedule", 0.1, "multistep: decay factor", gt=0)
+    max_steps: int | None = _f("schedule", None, "stop after this many updates (for smoke tests and debugging)",
+                               ge=1)
+    # -- runtime --------------------------------------------------------------------------
+    resume: bool = _f("runtime", False, "continue the run in --output from its last checkpoint")
+    seed: int = _f("runtime", 0, "seed of everything: sampling, augmentation, mixup, stochastic depth", ge=0,
+                   lt=2**32)
+    device: str = _f("runtime", "auto", "cpu, cuda, cuda:N, mps or auto")
+    threads: int = _f("runtime", 0, "torch CPU threads (0: torch's default)", ge=0)
+    compile: bool = _f("runtime", False, "torch.compile the model")
+    sharding: str = _f("runtime", "none", "across torchrun processes: zero1 (optimizer states), fsdp (everything) "
+                                          "or deepspeed (DeepSpeed ZeRO stage 1 or 2, see --deepspeed-config)",
+                       choices=SHARDING)
+    deepspeed_config: str | None = _f("runtime", None, "with --sharding deepspeed: DeepSpeed JSON config, its "
+                                                       "zero_optimization section (default: ZeRO stage 1)")
+    # -- logging --------------------------------------------------------------------------
+    output: str = _f("logging", "runs/run", "run folder: checkpoints, metrics.jsonl, TensorBoard, plots "
+                                            "(command line default: runs/TASK-DATE-TIME)")
+    eval_every: int = _f("logging", 1, "validate every N epochs (and after the last)", ge=1)
+    save_every_steps: int = _f("logging", 0, "also checkpoint every N optimizer updates (0: at epoch ends only)",
+                               ge=0)
+    log_every: int = _f("logging", 10, "log training metrics every N updates", ge=1)
+    tensorboard: bool = _f("logging", True, "write TensorBoard logs")
+    progress: bool = _f("logging", True, "show progress bars")
+
+    # Where the values came from, set by :meth:`from_flags`: the names of the fields typed as
+    # flags (a set; None for a config built in Python) and the recipe file (or None). Left without
+    # annotations so that they are no fields: they are not part of the run's recipe.
+    given_flags = None
+    recipe_file = None
 
     def __post_init__(self):
         """Check every field against its type and range (a one-line ConfigError naming the flag),
@@ -156,7 +179,7 @@ class TrainConfig:
     # -- io -------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -172,6 +195,26 @@ class TrainConfig:
         with the file's name."""
         recipe = read_recipe(path)
         return _from_recipe(path, recipe, {**recipe, **overrides}, set(recipe) - set(overrides))
+
+    @classmethod
+    def from_flags(cls, flags: dict, recipe: str | os.PathLike | None = None, task: str | None = None
+                   ) -> TrainConfig:
+        """A command line's config: the ``recipe`` file's values, the fields typed as ``flags``
+        over them, and ``task``. A bad value is named as its flag, or as the recipe's field when
+        it came from the recipe. A supervised recipe also serves fine-tuning; SimMIM and
+        supervised recipes do not mix."""
+        values = read_recipe(recipe) if recipe else {}
+        recipe_task = {**values, **flags}.get("task", task)
+        if recipe_task is not None and recipe_task not in TASKS:
+            raise ConfigError("task", f"must be one of {', '.join(TASKS)}", recipe_task).in_recipe(recipe)
+        if task and recipe_task != task and not (recipe_task == "train" and task == "finetune"):
+            raise ValueError(f"{recipe} is a {recipe_task} recipe: run it with "
+                             f"`swinv2 {recipe_task} --config {recipe}`")
+        fixed = {"task": task} if task else {}
+        cfg = _from_recipe(recipe, values, {**values, **flags, **fixed}, set(values) - set(flags) - set(fixed))
+        cfg.given_flags = frozenset(flags)
+        cfg.recipe_file = os.fspath(recipe) if values else None
+        return cfg
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -191,7 +234,8 @@ def _from_recipe(path, recipe: dict, values: dict, from_recipe: set) -> TrainCon
         raise
 
 
-def _plain(value):
+def plain(value):
+    """A field value as YAML and JSON write it: tuples as lists."""
     return list(value) if isinstance(value, tuple) else value
 
 
@@ -249,7 +293,7 @@ def _scalar(kind, name: str, value):
 
 def _checked(f: dataclasses.Field, value):
     """A field's value converted to its annotated type and checked against its range."""
-    kind, optional, is_list = _field_type(f)
+    kind, optional, is_list = field_type(f)
     if value is None:
         if optional:
             return None
@@ -304,7 +348,7 @@ def write_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-# -- command line ---------------------------------------------------------------------------
+# -- field types --------------------------------------------------------------------------
 
 
 @functools.cache
@@ -312,7 +356,7 @@ def _hints() -> dict:
     return typing.get_type_hints(TrainConfig)
 
 
-def _field_type(f: dataclasses.Field):
+def field_type(f: dataclasses.Field):
     """(base type, is_optional, is_list) of a field annotation like ``int | None``."""
     hint = _hints()[f.name]
     args = typing.get_args(hint)
@@ -324,64 +368,9 @@ def _field_type(f: dataclasses.Field):
     return hint, optional, False
 
 
-def _parse_scalar(kind, optional):
-    def parse(text: str):
-        if optional and text.lower() in ("none", "null"):
-            return None
-        return kind(text)
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, exclude=()) -> None:
-    """One flag per field (``--img-size``, ``--no-progress`` ...). A flag not typed leaves no
-    attribute (argparse.SUPPRESS), so recipe values are overridden only by flags actually given,
-    and ``--clip-grad none`` can still set a field to None."""
-    parser.add_argument("--config", default=None, metavar="YAML", help="recipe file (flags override it)")
-    for f in fields(TrainConfig):
-        if f.name in exclude:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind, optional, is_list = _field_type(f)
-        help_text = f"{f.metadata['help']} [default: {_plain(f.default)}]"
-        if kind is bool:
-            kw = dict(action=argparse.BooleanOptionalAction)
-        elif is_list:
-            kw = dict(type=_parse_scalar(kind, False), nargs="*")
-        else:
-            kw = dict(type=_parse_scalar(kind, optional))
-        parser.add_argument(flag, default=argparse.SUPPRESS, help=help_text, **kw)
-
-
-def config_from_args(args: argparse.Namespace, **fixed) -> TrainConfig:
-    path = getattr(args, "config", None)
-    recipe = read_recipe(path) if path else {}
-    values = dict(recipe)
-    for f in fields(TrainConfig):
-        if hasattr(args, f.name):
-            values[f.name] = getattr(args, f.name)
-    task = fixed.get("task")
-    recipe_task = values.get("task", task)
-    if recipe_task is not None and recipe_task not in TASKS:
-        raise ConfigError("task", f"must be one of {', '.join(TASKS)}", recipe_task).in_recipe(path)
-    # A supervised recipe also serves fine-tuning; SimMIM and supervised recipes do not mix.
-    if task and recipe_task != task and not (recipe_task == "train" and task == "finetune"):
-        raise ValueError(
-            f"{args.config} is a {values['task']} recipe: run it with `swinv2 {values['task']} --config {args.config}`"
-        )
-    values.update(fixed)
-    given = {f.name for f in fields(TrainConfig) if hasattr(args, f.name)}  # what the user typed
-    cfg = _from_recipe(path, recipe, values, set(recipe) - given - set(fixed))
-    cfg._given = given
-    cfg._recipe = path if recipe else None
-    return cfg
-
-
 def blame(cfg: TrainConfig, err: ConfigError) -> ValueError:
     """``err`` about a field of ``cfg`` (found after the config was built, e.g. an augmentation
     spec timm refuses), naming the recipe file when the value came from it."""
-    recipe = getattr(cfg, "_recipe", None)
-    if recipe and err.name not in getattr(cfg, "_given", ()):
-        return err.in_recipe(recipe)
+    if cfg.recipe_file and err.name not in (cfg.given_flags or ()):
+        return err.in_recipe(cfg.recipe_file)
     return err

@@ -15,7 +15,6 @@ waits for the device once per logged step (and before each checkpoint), not per 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -26,9 +25,10 @@ import torch
 from torch import nn
 
 from .. import fileio
+from ..data.loader import derive_seed
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .deepspeed_backend import is_engine
+from .deepspeed_backend import full_optimizer_state, initialize, is_engine, load_full_optimizer_state
 from .distributed import Dist, all_reduce_sum, unwrap
 from .optim import Schedule, set_lr
 from .precision import resolve_amp
@@ -43,12 +43,6 @@ class NonFiniteLossError(RuntimeError):
 
     Found at the next logged step, epoch end or checkpoint after the update (whichever comes
     first), so nothing non-finite is ever saved."""
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across processes, platforms and Python versions."""
-    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
@@ -109,8 +103,6 @@ class Loop:
 class Trainer:
     def __init__(self, cfg: TrainConfig, env: Dist, model: nn.Module, optimizer, loop: Loop, logger, ema=None):
         if cfg.sharding == "deepspeed" and env.enabled:
-            from .deepspeed_backend import initialize
-
             model, optimizer = initialize(model, optimizer, cfg, env.world_size)
         self.cfg, self.env, self.model, self.optimizer, self.loop = cfg, env, model, optimizer, loop
         self.deepspeed = is_engine(model)
@@ -314,7 +306,7 @@ class Trainer:
         for micro in range(accum):
             *inputs, n_skipped = next(batches)
             skipped += int(n_skipped)
-            seed = derive_seed(cfg.seed, self.state.step, micro, env.rank)
+            seed = derive_seed("update", cfg.seed, self.state.step, micro, env.rank)
             torch.manual_seed(seed)  # stochastic depth and dropout of this micro-batch
             # The gradient is synchronised across processes only on the last micro-batch
             # (DeepSpeed's engine counts micro-batches itself).
@@ -444,8 +436,6 @@ def _full_optimizer_state(model: nn.Module, optimizer) -> dict:
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     if is_engine(model):
-        from .deepspeed_backend import full_optimizer_state
-
         return full_optimizer_state(model)  # collective
 
     if isinstance(optimizer, ZeroRedundancyOptimizer):
@@ -464,8 +454,6 @@ def _full_optimizer_state(model: nn.Module, optimizer) -> dict:
 
 def _load_full_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
     if is_engine(model):
-        from .deepspeed_backend import load_full_optimizer_state
-
         load_full_optimizer_state(model, state)
         return
     if _is_fsdp(model):

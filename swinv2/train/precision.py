@@ -1,9 +1,8 @@
 """Which mixed precision a run gets when it asks for ``--amp auto``.
 
 bf16 autocast pays off only where the hardware multiplies bf16 natively: CUDA GPUs that support
-it, and CPUs with AVX-512 BF16 or AMX tiles. Elsewhere (for example an AVX2-only CPU) PyTorch
-falls back to a generic bf16 matrix multiply that is tens to hundreds of times slower than
-float32, so ``auto`` trains in float32 there.
+it, and CPUs with AVX-512 BF16 or AMX tiles. Elsewhere PyTorch falls back to a generic bf16
+matrix multiply, far slower than its float32 one, so ``auto`` trains in float32 there.
 """
 
 from __future__ import annotations

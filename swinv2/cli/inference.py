@@ -1,0 +1,161 @@
+"""``swinv2 predict``, ``swinv2 export`` and ``swinv2 reconstruct``: trained weights put to use."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from .. import export, fileio, predict, reconstruct
+from ..train.distributed import check_device
+from ..weights import PRETRAINED
+from .common import check_model_size, fraction, parse_side, parse_size, positive_int, require, window_arg
+
+# The description of ``swinv2 reconstruct --help``, before the checkpoint formats of swinv2.reconstruct.
+RECONSTRUCT = ("Reads a SimMIM checkpoint, hides part of each image with seeded masks and writes a PNG\n"
+               "grid of what the model predicts there. Checkpoints:\n\n")
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("predict", help="top-k classes of images or folders of images")
+    p.add_argument("paths", nargs="+", metavar="IMAGE_OR_FOLDER", help="images, or folders searched recursively")
+    p.add_argument("--model", default=None, metavar="TAG_OR_NAME",
+                   help="registered weights (arch.tag, see 'swinv2 pretrained'), or an architecture: with "
+                        "--checkpoint, the architecture of the file; alone, random weights (for testing only)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="a swinv2 .safetensors file, a training checkpoint, or any checkpoint (with --model)")
+    p.add_argument("--topk", type=positive_int, default=5)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--img-size", type=parse_size, default=None,
+                   help="N or HxW: evaluate at this size instead of the weights' own (same crop policy)")
+    p.add_argument("--labels", default=None, metavar="FILE", help="class names, one per line, in index order")
+    p.add_argument("--format", choices=predict.FORMATS, default="table")
+    p.add_argument("--output", default=None, metavar="FILE", help="write the results here instead of stdout")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export to ONNX, TorchScript or torch.export, verified against eager")
+    p.add_argument("--model", default=None, metavar="NAME_OR_TAG",
+                   help="an architecture (random weights) or registered weights arch.tag; with --checkpoint, "
+                        "the architecture of a file that does not say it")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="weights: a swinv2 .safetensors file or any checkpoint")
+    p.add_argument("--format", required=True, choices=export.FORMATS)
+    p.add_argument("--output", required=True, metavar="FILE")
+    p.add_argument("--img-size", type=parse_size, default=None, help="N or HxW to export at (default: the model's)")
+    p.add_argument("--batch-size", type=positive_int, default=2, help="batch of the traced example")
+    p.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=True,
+                   help="accept any batch size (default: yes)")
+    p.add_argument("--dynamic-size", action="store_true",
+                   help="try to accept any image size; reported as not supported when the format cannot")
+    p.add_argument("--opset", type=positive_int, default=None, help=f"ONNX opset (default {export.DEFAULT_OPSET})")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("reconstruct", help="picture of a SimMIM checkpoint's predictions of hidden image areas",
+                       description=RECONSTRUCT + reconstruct.__doc__.split("Checkpoints:\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="SimMIM checkpoint: from `swinv2 pretrain`, or an official pre-training file")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--output", default="reconstruction.png", help="PNG to write (default: %(default)s)")
+    p.add_argument("--img-size", type=parse_side, default=None, help="default: the pre-training size")
+    p.add_argument("--mask-ratio", type=fraction, default=None, help="default: the pre-training ratio (official 0.6)")
+    p.add_argument("--mask-patch", type=positive_int, default=None,
+                   help="mask square in pixels; default: pre-training's (32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the masks (default: %(default)s)")
+    p.add_argument("--model", default=None, help="architecture of an official checkpoint (see `swinv2 list`)")
+    p.add_argument("--window-size", type=window_arg, default=None, help="default: the checkpoint's")
+    p.add_argument("--norm-target-window", type=_norm_window, default="auto",
+                   help="odd window of the local target normalisation, or 'none'; default: the checkpoint's "
+                        "(official files: 47)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_reconstruct)
+
+
+def random_weights_warning(name: str) -> str:
+    tags = [n for n in PRETRAINED if n.split(".", 1)[0] == name]
+    hint = f"--model {tags[0]}" if tags else "--model ARCH.TAG (see 'swinv2 pretrained')"
+    return (f"WARNING: {name} is an architecture name without weights: the model is RANDOMLY INITIALISED and "
+            f"its predictions are MEANINGLESS. Use {hint} or --checkpoint FILE.")
+
+
+def cmd_predict(args) -> int:
+    if args.model is None and args.checkpoint is None:
+        raise ValueError("predict needs --model TAG_OR_NAME or --checkpoint PATH")
+    device = check_device(args.device or "auto")
+    if args.output:
+        fileio.check_writable(args.output, "--output")  # before the model is built and the images read
+    files = predict.find_images(args.paths)  # bad paths fail before the model is built or downloaded
+    loaded = predict.load_for_inference(args.model, args.checkpoint)
+    if args.img_size:
+        check_model_size(loaded.model, args.img_size)
+        loaded.preprocess.img_size = args.img_size
+    if loaded.random_weights:
+        print(random_weights_warning(args.model), file=sys.stderr)
+    net, pre = loaded.model.to(device), loaded.preprocess
+    names = predict.class_names_for(net.num_classes, loaded.class_names, args.labels)
+    print(f"{loaded.source}: {net.num_classes} classes; {pre.describe()}; {len(files)} images", file=sys.stderr)
+    rows = predict.predict(net, files, transform=pre.transform(), class_names=names, topk=args.topk,
+                           batch_size=args.batch_size, progress=not args.quiet)
+    text = predict.format_rows(rows, args.format)
+    if args.output:
+        fileio.write_bytes(args.output, text.encode("utf-8"))  # a failed write leaves an earlier file as it was
+    else:
+        sys.stdout.write(text)
+    failed = sum(not r["ok"] for r in rows)
+    if failed:
+        print(f"swinv2: {failed} of {len(rows)} images could not be read", file=sys.stderr)
+    return 1 if failed == len(rows) else 0
+
+
+def cmd_export(args) -> int:
+    if args.model is None and args.checkpoint is None:
+        raise ValueError("export needs --model NAME_OR_TAG or --checkpoint PATH")
+    if args.format == "onnx":
+        require("export --format onnx", *export.ONNX_MODULES)
+    fileio.check_writable(args.output, "--output")  # before the model is loaded and exported
+    suffix = export.SUFFIXES[args.format]
+    if os.path.splitext(args.output)[1].lower() != suffix:
+        print(f"note: {args.format} files are usually named *{suffix}", file=sys.stderr)
+    loaded = predict.load_for_inference(args.model, args.checkpoint)
+    model = loaded.model.float().cpu()
+    if loaded.random_weights:
+        print(f"note: {args.model} has random weights (fine for checking the export; for a useful file give "
+              "registered weights arch.tag or --checkpoint)", file=sys.stderr)
+    size = args.img_size or model.img_size
+    check_model_size(model, size)
+    example = torch.randn(args.batch_size, model.in_chans, *size, generator=torch.Generator().manual_seed(0))
+    report = export.export(model, args.output, args.format, example=example, dynamic_batch=args.dynamic_batch,
+                           dynamic_size=args.dynamic_size, opset=args.opset, strict=False)
+    print("\n".join(report.lines()))
+    if not report.ok:
+        report.path.unlink(missing_ok=True)
+        print(f"swinv2: error: the exported file does not reproduce the model (rel err {report.max_rel:.2e} > "
+              f"{report.tolerance:.0e}, or a check failed to run); {report.path} was deleted", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _norm_window(text: str) -> int | None | str:
+    """``--norm-target-window``: an odd window, ``none``/``off``, or ``auto`` (the checkpoint's)."""
+    if text.lower() in ("auto", "none", "off"):
+        return None if text.lower() != "auto" else "auto"
+    return int(text)
+
+
+def cmd_reconstruct(args) -> int:
+    sim, settings = reconstruct.load_simmim(args.checkpoint, model=args.model, img_size=args.img_size,
+                                            window_size=args.window_size, norm_target_window=args.norm_target_window)
+    size = settings["img_size"]
+    images = reconstruct.read_images(args.images, size)  # (B, 3, size, size)
+    result = reconstruct.reconstruct(sim, images, mask_patch=args.mask_patch or settings["mask_patch"],
+                                     mask_ratio=args.mask_ratio or settings["mask_ratio"], seed=args.seed,
+                                     device=args.device)
+    reconstruct.save_reconstruction_grid(images, result.masks, result.predictions, args.output,
+                                         norm_target_window=sim.norm_target_window)
+    target = f"locally normalised target (window {sim.norm_target_window})" if sim.norm_target_window else "pixels"
+    print(f"{settings['model']}: masked L1 loss {result.loss:.4f} on {len(images)} image(s) at {size}px, "
+          f"{result.hidden} of {result.cells} cells hidden, {target}; picture: {args.output}")
+    return 0

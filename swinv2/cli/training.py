@@ -1,0 +1,147 @@
+"""``swinv2 train``, ``finetune``, ``pretrain`` and ``eval``, and the flags of :class:`TrainConfig`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+
+from ..tasks import evaluate, pretrain, supervised
+from ..tasks.checks import check_run
+from ..tasks.common import recipe_path
+from ..train.config import SECTIONS, TrainConfig, field_type, flag, plain
+from ..train.distributed import check_device
+from .common import fraction, non_negative_int, parse_side, positive_int, require, window_arg
+
+TASKS = {
+    "train": "train a classifier from scratch (default data: bundled digits)",
+    "finetune": "fine-tune from a checkpoint, at another resolution or window, with layer-wise lr decay",
+    "pretrain": "SimMIM self-supervised pre-training",
+}
+EPILOG = {
+    "train": "Without --data it trains on the bundled handwritten digits (scikit-learn), e.g.\n"
+             "  swinv2 train --config digits --output runs/digits\n"
+             "Under torchrun every process runs this command: torchrun --nproc-per-node 2 -m swinv2 train ...",
+    "finetune": "e.g. swinv2 finetune --checkpoint runs/pretrain/checkpoint-last.pt --model swinv2_debug "
+                "--layer-decay 0.75",
+    "pretrain": "SimMIM masked-image modelling; labels are ignored. e.g. swinv2 pretrain --config digits_simmim",
+}
+# The recipe a run without --data and without --config gets: the bundled digits, tuned for them.
+DIGITS_RECIPES = {"train": "digits", "pretrain": "digits_simmim"}
+DIGITS = "for the bundled digits used without --data"
+
+
+def add_parsers(sub) -> None:
+    for task, help_text in TASKS.items():
+        p = sub.add_parser(task, help=help_text, epilog=EPILOG[task],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_config_arguments(p, exclude=("task",))
+        p.set_defaults(func=cmd_task)
+
+    p = sub.add_parser("eval", help="top-1/top-5 of weights on an image folder (default: bundled digits)")
+    p.add_argument("--checkpoint", default=None, help="a run's model-*.safetensors or checkpoint-*.pt, or any "
+                   "checkpoint with --model NAME")
+    p.add_argument("--model", default=None, help="architecture name, or a weight tag (see `swinv2 pretrained`)")
+    p.add_argument("--data", default=None, help="image folder (class subfolders, or with a val/ subfolder)")
+    p.add_argument("--img-size", type=parse_side, default=None, help="evaluation resolution (default: the weights')")
+    p.add_argument("--window", type=window_arg, default=None, help="window size (default: the weights')")
+    p.add_argument("--crop-pct", type=fraction, default=None, help="centre-crop fraction (1.0: no crop)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=non_negative_int, default=2)
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default="none")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
+    p.add_argument("--threads", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the bundled digits' train/val split")
+    p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5 as fractions, ...)")
+    p.set_defaults(func=cmd_eval)
+
+
+# -- the flags of TrainConfig ---------------------------------------------------------------------
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, exclude=()) -> None:
+    """One flag per field (``--img-size``, ``--no-progress`` ...), listed by ``--help`` in the
+    field's section. A flag not typed leaves no attribute (argparse.SUPPRESS), so recipe values are
+    overridden only by flags actually given, and ``--clip-grad none`` can still set a field to None."""
+    parser.add_argument("--config", default=None, metavar="YAML", help="recipe file (flags override it)")
+    groups = {section: parser.add_argument_group(section) for section in SECTIONS}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in exclude:
+            continue
+        kind, optional, is_list = field_type(f)
+        if kind is bool:
+            kw = dict(action=argparse.BooleanOptionalAction)
+        elif is_list:
+            kw = dict(type=_scalar_type(kind, False), nargs="*")
+        else:
+            kw = dict(type=_scalar_type(kind, optional))
+        groups[f.metadata["section"]].add_argument(
+            flag(f.name), default=argparse.SUPPRESS, help=f"{f.metadata['help']} [default: {plain(f.default)}]", **kw)
+
+
+def _scalar_type(kind, optional: bool):
+    """The argparse type of a field's values: ``kind``, and ``none``/``null`` for an optional field."""
+
+    def parse(text: str):
+        if optional and text.lower() in ("none", "null"):
+            return None
+        return kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
+
+
+def config_from_args(args: argparse.Namespace, task: str | None = None) -> TrainConfig:
+    """The config of parsed flags: the ``--config`` recipe with the flags typed over it."""
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    return TrainConfig.from_flags(flags, recipe=getattr(args, "config", None), task=task)
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def cmd_task(args) -> int:
+    """``swinv2 train``, ``finetune`` or ``pretrain``: the run's config, the checks before it
+    starts, then the task's ``main``."""
+    task = args.command
+    # Recipes and the run's config.yaml are YAML; supervised augmentation and mixup are timm's;
+    # pre-training draws a reconstruction picture (matplotlib) at the end of every epoch.
+    require(task, "yaml", "matplotlib" if task == "pretrain" else "timm")
+    digits = not args.config and task in DIGITS_RECIPES and not hasattr(args, "data")
+    if digits:
+        args.config = DIGITS_RECIPES[task]
+    if args.config:
+        args.config = recipe_path(args.config)
+    if not hasattr(args, "output"):
+        args.output = f"runs/{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = config_from_args(args, task=task)
+    if cfg.data is None:
+        require(task, "sklearn", reason=DIGITS)
+    if cfg.sharding == "deepspeed":
+        require(task, "deepspeed", reason="for --sharding deepspeed")
+    check_run(cfg)
+    if digits:
+        print(f"no --data: training on scikit-learn's bundled handwritten digits with {args.config}")
+    return (pretrain.main if task == "pretrain" else supervised.main)(cfg)
+
+
+def cmd_eval(args) -> int:
+    check_device(args.device)
+    if args.data is None:
+        require("eval", "sklearn", reason=DIGITS)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = evaluate.evaluate_weights(args.checkpoint, args.model, args.data, img_size=args.img_size,
+                                       window=args.window, crop_pct=args.crop_pct, batch_size=args.batch_size,
+                                       workers=args.workers, amp=args.amp, device=args.device, seed=args.seed)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    skipped = f"; {result['skipped_images']} unreadable images skipped" if result["skipped_images"] else ""
+    print(f"top-1 {result['top1'] * 100:.2f}%  top-5 {result['top5'] * 100:.2f}%  loss {result['loss']:.4f}  "
+          f"on {result['images']} images at {result['img_size']}px ({result['crop_mode']} crop "
+          f"{result['crop_pct']}, window {result['window']}){skipped}")
+    return 0
