@@ -24,12 +24,17 @@ from pathlib import Path
 
 import torch
 
-from . import fileio, layers, native
-from .layers import _onednn_runs
+from . import fileio
 from .memory import reset_peak_rss, rss_kb, trim_heap
-from .model import DEFAULT_BATCH_CHUNK_MB
 from .train.precision import native_bf16
 from .variants import create_model, get_variant
+
+try:  # the speedups are a package of their own: without it swinv2 is timed as the plain model
+    from . import fast
+except ModuleNotFoundError as missing:
+    if missing.name != f"{__package__}.fast":
+        raise
+    fast = None
 
 IMPLS = ("swinv2", "timm", "torchvision", "transformers")
 # torchvision ships SwinV2 T/S/B at 256 with window 8 only.
@@ -145,7 +150,8 @@ def matmul_rates(dtype: torch.dtype, device: str = "cpu", n: int = 2048, repeats
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     kernels = {"torch.matmul": lambda: a @ b}
-    if device == "cpu" and torch.backends.mkldnn.is_available() and _onednn_runs(dtype):  # a @ b.T: the same FLOPs
+    if (device == "cpu" and fast is not None and torch.backends.mkldnn.is_available()
+            and fast.onednn.runs(dtype)):  # a @ b.T: the same FLOPs
         kernels["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
     times = {name: [] for name in kernels}
     for fn in kernels.values():
@@ -267,10 +273,10 @@ def peak_memory_here(case: Case, impl: str) -> int | None:
 
 
 def swinv2_settings() -> str:
-    """swinv2's speed settings the bench runs with (the library's defaults)."""
-    return (f"batch chunks of at most {DEFAULT_BATCH_CHUNK_MB:g} MiB per block tensor on a CPU (batch_chunk_mb), "
-            f"oneDNN Linear layers {'on' if layers.ONEDNN_LINEAR else 'off'} (layers.ONEDNN_LINEAR), "
-            f"native window attention (float32, bfloat16) {native.status()} (swinv2.native)")
+    """The speedups of :mod:`swinv2.fast` the bench ran swinv2 with, and why each is on or off."""
+    if fast is None:
+        return "none (swinv2.fast is not installed: the plain model)"
+    return "; ".join(f"{name} {'on' if on else 'off'} ({why})" for name, on, why in fast.status())
 
 
 def cpu_description(cpuinfo: str = "/proc/cpuinfo", cache_root: str = "/sys/devices/system/cpu/cpu0/cache") -> str:

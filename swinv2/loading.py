@@ -343,7 +343,8 @@ def load_model(
 ) -> SwinTransformerV2:
     """Rebuild the model saved by :func:`swinv2.save_pretrained` from the file alone and load
     its weights (safetensors: nothing is unpickled); see :func:`build_model` for the arguments.
-    Any other file is refused, saying how to load it."""
+    Any other file is refused, saying how to load it. The model is the plain one:
+    ``swinv2.create_model(pretrained=path)`` (or :func:`swinv2.fast.apply`) adds the speedups."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a folder, not a checkpoint file")

@@ -27,7 +27,7 @@ from contextlib import nullcontext
 import torch
 
 from .layers import DEFAULT_ATTENTION_BUDGET_MB, SCORE_TENSORS
-from .model import _stage_spec
+from .model import stage_spec
 from .model_config import count_params_analytic, stage_windows
 from .variants import create_model
 
@@ -42,7 +42,7 @@ _MAP_TC = 10
 # on the padded windows: qkv input 1, qkv output 3, a scaled copy of q 1, the attention kernel's
 # q, k, v 3, proj input 1, and norm1's input (a cropped view of the padded map) 1; with
 # sequential attention each chunk is recomputed, keeping none of the kernel's 4. Cosine attention
-# in float32 normalises q and k inside qkv (layers._CosineQK): no scaled copy, and their norms are
+# in float32 normalises q and k inside qkv (swinv2.fast.attention.CosineQK): no scaled copy, and their norms are
 # kept even with sequential attention, which chunks after the normalisation.
 _WINDOW_TC = 10
 _WINDOW_TC_IN_PLACE = 9
@@ -146,9 +146,9 @@ def estimate_training_memory(
         raise ValueError("batch_size, zero_world_size and fsdp_world_size must be at least 1")
     config = _model_config(model_or_name, img_size, window)
     n_stages = len(config["depths"])
-    ckpt = _stage_spec(config.get("grad_checkpointing") if grad_checkpointing is None else grad_checkpointing,
+    ckpt = stage_spec(config.get("grad_checkpointing") if grad_checkpointing is None else grad_checkpointing,
                        n_stages, "grad_checkpointing")
-    seq = _stage_spec(config.get("sequential_attention") if sequential_attention is None else sequential_attention,
+    seq = stage_spec(config.get("sequential_attention") if sequential_attention is None else sequential_attention,
                       n_stages, "sequential_attention")
     if chunk_windows is not None:
         seq = dict.fromkeys(seq, chunk_windows)

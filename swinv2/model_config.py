@@ -22,8 +22,9 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .files import CheckpointError
-from .layers import ATTN_TYPES, NORM_PLACEMENTS, POSITION_BIASES, effective_window, to_2tuple
-from .model import SwinTransformerV2
+from .layers import ATTN_TYPES, NORM_PLACEMENTS, POSITION_BIASES, to_2tuple
+from .model import MERGE_NORMS, SwinTransformerV2
+from .windows import effective_window
 
 MAX_STAGES = 8
 MAX_DEPTH = 64  # blocks per stage
@@ -36,6 +37,9 @@ MAX_CPB_HIDDEN = 8192
 MAX_PARAMETERS = 10_000_000_000
 WINDOW_RULES = ("per_axis", "official")
 GLOBAL_POOLS = ("avg", "")
+# Settings earlier versions saved with the model config that are no model arguments any more:
+# read and dropped (batch chunks are a speedup of swinv2.fast now).
+RUNTIME_ONLY = ("batch_chunk_mb",)
 
 __all__ = ["ConfigError", "check_model_config", "check_weights_fit", "count_params_analytic", "stage_windows"]
 
@@ -146,6 +150,7 @@ def check_model_config(config: Mapping, source: str, names: Mapping[str, str] | 
     if not isinstance(config, Mapping):
         raise ConfigError(f"{source}: the model config is a {type(config).__name__}, not a mapping of settings")
     defaults = _defaults()
+    config = {k: v for k, v in config.items() if k not in RUNTIME_ONLY}
     unknown = sorted(str(k) for k in config if k not in defaults)
     if unknown:
         raise ConfigError(
@@ -185,12 +190,11 @@ def check_model_config(config: Mapping, source: str, names: Mapping[str, str] | 
         c.boolean(key)
     for key, allowed in (("norm_placement", NORM_PLACEMENTS), ("attn_type", ATTN_TYPES),
                          ("position_bias", POSITION_BIASES), ("window_rule", WINDOW_RULES),
-                         ("global_pool", GLOBAL_POOLS)):
+                         ("global_pool", GLOBAL_POOLS), ("merge_norm", MERGE_NORMS)):
         c.choice(key, allowed)
     c.stages("grad_checkpointing", stages)
     c.stages("sequential_attention", stages, values=True)
     c.optional_budget("sequential_attention_budget_mb", allow_zero=False)
-    c.optional_budget("batch_chunk_mb", allow_zero=True)
 
     count = parameter_count(full)
     if count > MAX_PARAMETERS:
@@ -239,8 +243,8 @@ def count_params_analytic(config: dict) -> int:
         total += depth * block
         if period:
             total += (depth // period) * 2 * c
-        if i < len(depths) - 1:
-            total += 4 * c * 2 * c + 2 * 2 * c  # patch merging: reduction, norm
+        if i < len(depths) - 1:  # patch merging: reduction, norm (over 4C before it in the V1 order)
+            total += 4 * c * 2 * c + 2 * (4 * c if config.get("merge_norm", "post") == "pre" else 2 * c)
     F = C * 2 ** (len(depths) - 1)
     total += 2 * F
     classes = config.get("num_classes", 1000)

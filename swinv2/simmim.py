@@ -150,14 +150,14 @@ class SimMIM(nn.Module):
     def encode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W), (B, H/p, W/p) -> the encoder's final normed map (B, C_final, H/s, W/s)."""
         enc = self.encoder
-        enc._check_input(x)
+        enc.check_input(x)
         tokens = enc.patch_embed(x)  # (B, H/p, W/p, C), after the patch norm
         _check_mask(mask, tokens.shape[:3], x.shape)
         w = mask.unsqueeze(-1).to(tokens.dtype)  # (B, H/p, W/p, 1)
         token = self.mask_token.view(1, 1, 1, -1).to(tokens.dtype)  # (1, 1, 1, C)
         # Hidden tokens replaced before the absolute position embedding, as the official encoder.
         tokens = tokens * (1 - w) + token * w
-        feats = enc.forward_tokens(enc._add_pos_embed(tokens))  # (B, H/s, W/s, C_final)
+        feats = enc.forward_tokens(enc.add_pos_embed(tokens))  # (B, H/s, W/s, C_final)
         return feats.permute(0, 3, 1, 2)  # (B, C_final, H/s, W/s)
 
     def reconstruct(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,13 @@ from .model import SwinTransformerV2
 from .reading import read_weights
 from .weights import get_pretrained
 
+try:  # the speedups are a package of their own: without it create_model builds the plain model
+    from .fast import apply as apply_speedups
+except ModuleNotFoundError as missing:
+    if missing.name != f"{__package__}.fast":
+        raise
+    apply_speedups = None
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -119,9 +126,13 @@ def create_model(
     name: str | None = None,
     pretrained=False,
     device: str | torch.device | None = None,
+    fast: bool = True,
     **overrides,
 ) -> SwinTransformerV2:
     """Build a variant by name; keyword arguments override its constructor arguments.
+
+    ``fast``: apply the default speedups of :mod:`swinv2.fast` (same values, faster on CPUs;
+    the C kernel stays opt-in); False gives the plain model of the paper.
 
     ``pretrained``:
 
@@ -140,6 +151,11 @@ def create_model(
     initialised. ``device``: where to build; ``"meta"`` builds without allocating memory (for
     planning and sharded initialisation of the large sizes).
     """
+    model = _create(name, pretrained, device, **overrides)
+    return apply_speedups(model) if fast and apply_speedups is not None else model
+
+
+def _create(name, pretrained, device, **overrides) -> SwinTransformerV2:
     variant = get_variant(name) if name is not None else None
     if pretrained is False or pretrained is None:
         if variant is None:

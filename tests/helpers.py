@@ -83,3 +83,18 @@ def poison_loss_after(monkeypatch, calls: int) -> None:
         return fn
 
     monkeypatch.setattr(sampling, "train_criterion", poisoned)
+
+
+def native_kernel_here() -> bool:
+    """Whether swinv2's opt-in native attention kernel can be had on this machine. Asks for it
+    (so it is built into the cache once, as for a user who turned it on), then puts the switch
+    back as it was."""
+    from swinv2.fast import native
+
+    switch = dict(native._switch)
+    native.enable(True)
+    try:
+        return native.available()
+    finally:
+        native._switch.clear()
+        native._switch.update(switch)

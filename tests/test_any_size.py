@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from helpers import randomize_, rel_err
 
 import swinv2
-import swinv2.layers
-import swinv2.model
+import swinv2.blocks
+import swinv2.windows
 
 TOL = 1e-10
 # The official clamp is built from a float32 tensor, so its ceiling is float32(ln 100),
@@ -311,8 +311,8 @@ def test_oracle_detects_wrong_semantics(H, W, window, monkeypatch):
         attend_pad = ref_stage_blocks(stage, x, window, pad_value=0.0)
         assert rel_err(attend_pad, good) > 1e-3
         # ... and a model with padded keys let in (mask value 0) matches that variant only.
-        monkeypatch.setattr(swinv2.layers, "PAD_MASK_VALUE", 0.0)
-        stage._mask_cache.clear()
+        monkeypatch.setattr(swinv2.windows, "PAD_MASK_VALUE", 0.0)
+        stage.clear_masks()
         bad = stage.forward_blocks(x)
     assert rel_err(bad, good) > 1e-3
     assert rel_err(bad, attend_pad) < TOL
@@ -328,7 +328,7 @@ def _block_call(stage, block_index, x):
     H, W = x.shape[1:3]
     window, shift = stage.window_and_shift((H, W))
     shift = shift if block_index % 2 else (0, 0)
-    mask = swinv2.layers.attention_mask((H, W), window, shift)
+    mask = swinv2.windows.attention_mask((H, W), window, shift)
     return stage.blocks[block_index](x, window, shift, mask)
 
 
@@ -358,7 +358,7 @@ def test_token_depends_only_on_its_window(H, W, window, token):
 
 
 class _RandomPadF:
-    """Stand-in for torch.nn.functional in swinv2.model whose pad fills the new cells with
+    """Stand-in for torch.nn.functional in swinv2.blocks whose pad fills the new cells with
     random values instead of zeros."""
 
     def __init__(self, seed=0):
@@ -384,15 +384,15 @@ def test_padding_values_do_not_matter(H, W, window, monkeypatch):
     with torch.no_grad():
         zero_pad = stage.forward_blocks(x)
         fake_f = _RandomPadF()
-        monkeypatch.setattr(swinv2.model, "F", fake_f)
+        monkeypatch.setattr(swinv2.blocks, "F", fake_f)
         noisy_pad = stage.forward_blocks(x)
         assert fake_f.calls == len(stage.blocks)  # every block padded, with noise
         assert rel_err(noisy_pad, zero_pad) < 1e-14
         # Sensitivity: once padded keys are attended, their values show through.
-        monkeypatch.setattr(swinv2.layers, "PAD_MASK_VALUE", 0.0)
-        stage._mask_cache.clear()
+        monkeypatch.setattr(swinv2.windows, "PAD_MASK_VALUE", 0.0)
+        stage.clear_masks()
         leaky_noisy = stage.forward_blocks(x)
-        monkeypatch.setattr(swinv2.model, "F", F)
+        monkeypatch.setattr(swinv2.blocks, "F", F)
         leaky_zero = stage.forward_blocks(x)
     assert rel_err(leaky_noisy, leaky_zero) > 1e-3
 

@@ -33,10 +33,10 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
 
 def test_gpu_check_fails_when_parity_breaks(monkeypatch, capsys):
     """A wrong shifted-window mask value breaks the official outputs: the check must say so."""
-    import swinv2.layers
+    import swinv2.windows
 
     gpu_check = _module()
-    monkeypatch.setattr(swinv2.layers, "SHIFT_MASK_VALUE", 0.0)
+    monkeypatch.setattr(swinv2.windows, "SHIFT_MASK_VALUE", 0.0)
     checks = gpu_check.Checks()
     gpu_check.check_official(gpu_check.torch.device("cpu"), checks)
     assert checks.failed and "FAILED" in capsys.readouterr().out

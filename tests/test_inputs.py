@@ -1,4 +1,4 @@
-"""Wrong inputs to the model are refused with an error that says what was expected."""
+"""Wrong inputs to the model, plain or fast, are refused with an error that says what was expected."""
 
 import numpy as np
 import pytest
@@ -8,9 +8,9 @@ import swinv2
 from swinv2.layers import to_2tuple
 
 
-@pytest.fixture(scope="module")
-def model():
-    return swinv2.create_model("swinv2_debug", num_classes=3).eval()
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "fast"])
+def model(request):
+    return swinv2.create_model("swinv2_debug", num_classes=3, fast=request.param).eval()
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64, torch.bool, torch.complex64])

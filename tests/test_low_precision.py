@@ -1,12 +1,13 @@
-"""The cosine normalisation of q and k in reduced precision with a float32 logit scale (the
-case of autocast on accelerators), checked on the CPU against float64 autograd."""
+"""The fast model's in-place cosine normalisation of q and k (swinv2.fast.attention.CosineQK) in
+reduced precision with a float32 logit scale (the case of autocast on accelerators), checked on
+the CPU against float64 autograd through F.normalize, as the plain model computes it."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import rel_err
 
-from swinv2.layers import _CosineQK
+from swinv2.fast.attention import CosineQK
 
 NH, D = 3, 32
 
@@ -35,7 +36,7 @@ def test_cosine_qk_in_low_precision_with_a_float32_scale(dtype, tol):
 
     x = qkv64.to(dtype).requires_grad_()
     scale = scale64.detach().float().requires_grad_()
-    out = _CosineQK.apply(x.clone(), scale, NH)
+    out = CosineQK.apply(x.clone(), scale, NH)
     out.backward(grad64.to(dtype))
     assert out.dtype == dtype and x.grad.dtype == dtype and scale.grad.dtype == torch.float32
     assert rel_err(out, ref) < tol

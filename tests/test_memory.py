@@ -64,7 +64,7 @@ def test_per_block_counts_are_what_autograd_keeps(dtype, sequential):
     stage, block = model.layers[0], model.layers[0].blocks[1]
     x = torch.randn(2, 36, 44, 96)  # padded to 40 x 48: 5 x 6 windows per image
     (window, shift), res = stage.window_and_shift((36, 44)), (36, 44)
-    mask = stage._mask(res, window, shift, x.device)
+    mask = stage.masks(res, x.device)[shift]
     s = 4 if dtype == "fp32" else 2
     T, Tp, C, S = 2 * 36 * 44, 2 * 40 * 48, 96, 2 * 30 * 3 * 64 * 64
     window_tc = _WINDOW_TC_SEQUENTIAL if sequential else _WINDOW_TC_IN_PLACE if dtype == "fp32" else _WINDOW_TC

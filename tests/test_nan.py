@@ -1,6 +1,6 @@
 """NaN in, NaN out: the native window-attention kernel puts NaN and infinities where PyTorch's
 attention puts them, and a NaN pixel makes its own image's logits NaN (and no other image's)
-on every attention path of the model."""
+on every attention path of the plain model and of the fast one."""
 
 from __future__ import annotations
 
@@ -12,15 +12,22 @@ import torch
 import torch.nn.functional as F
 
 import swinv2
-from swinv2 import native
-from swinv2.layers import WindowAttention
+from swinv2 import fast
+from swinv2.fast import native
+from swinv2.fast.attention import FastWindowAttention
 
 try:
-    from helpers import randomize_
+    from helpers import native_kernel_here, randomize_
 except ImportError:  # collected as the ``tests`` package
-    from tests.helpers import randomize_
+    from tests.helpers import native_kernel_here, randomize_
 
-needs_kernel = pytest.mark.skipif(not native.available(), reason=f"native kernel {native.status()}")
+needs_kernel = pytest.mark.skipif(not native_kernel_here(), reason=f"native kernel {native.status()}")
+
+
+@pytest.fixture(autouse=True)
+def asked_for(monkeypatch):
+    """The kernel is opt-in: asked for during each test here (and the switch restored after)."""
+    monkeypatch.setattr(native, "_switch", {"on": True})
 
 NAN, INF = float("nan"), float("inf")
 B, H, NW = 4, 3, 2  # windows, heads, bias windows (shifted-window masks)
@@ -153,19 +160,23 @@ def test_kernel_fully_masked_rows_are_zero_as_in_scaled_dot_product_attention(dt
 ARCH32 = dict(img_size=64, window_size=4, embed_dim=64, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))
 
 
-def _model(kind: str):
+def _model(kind: str, sped_up: bool = True):
+    """The plain model, or the fast one with the native kernel asked for."""
     if kind == "debug":  # 16-wide heads: PyTorch's kernels only
-        return randomize_(swinv2.create_model("swinv2_debug", num_classes=5), 1)
-    return randomize_(swinv2.SwinTransformerV2(num_classes=5, **ARCH32), 1)
+        model = randomize_(swinv2.create_model("swinv2_debug", num_classes=5, fast=False), 1)
+    else:
+        model = randomize_(swinv2.SwinTransformerV2(num_classes=5, **ARCH32), 1)
+    return fast.apply(model, native=True) if sped_up else model
 
 
 def _set_paths(model, native_on: bool, fused: bool, sequential: bool, chunking: bool) -> None:
     for m in model.modules():
-        if isinstance(m, WindowAttention):
-            m.native = native_on
+        if isinstance(m, FastWindowAttention):
+            m.use_native = native_on
     model.set_fused_attn(fused)
     model.set_sequential_attention(True if sequential else False, chunk_windows=1 if sequential else None)
-    model.set_batch_chunking(0.001 if chunking else None)
+    if hasattr(model, "set_batch_chunking"):
+        model.set_batch_chunking(0.001 if chunking else None)
 
 
 def _count_native_calls(monkeypatch) -> list:
@@ -186,20 +197,22 @@ ATTENTION = [("native", True, True), ("sdpa", False, True), ("reference", False,
 MODES = [("inference", False, False), ("grad-eval", True, False), ("train", True, True)]
 
 
+@pytest.mark.parametrize("sped_up", [False, True], ids=["plain", "fast"])
 @pytest.mark.parametrize("kind", ["debug", "heads32"])
 @pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16-autocast"])
-def test_a_nan_pixel_makes_its_own_image_nan_on_every_path(kind, bf16, monkeypatch, one_thread):
+def test_a_nan_pixel_makes_its_own_image_nan_on_every_path(kind, bf16, sped_up, monkeypatch, one_thread):
     """Images are independent in SwinV2 (windows never mix images; no batch statistics), so a
     NaN pixel in image 1 makes image 1's logits NaN, all of them, and no other image's: on
     every attention path, sequential or batched, chunked batch or whole, with or without
     gradients."""
-    model = _model(kind)
+    model = _model(kind, sped_up)
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     x[1, 0, 10, 20] = NAN
     calls = _count_native_calls(monkeypatch)
     wrong = []
+    paths = ATTENTION if sped_up else [a for a in ATTENTION if not a[1]]  # the kernel is a speedup
     for (att, native_on, fused), sequential, chunking, (mode, grad, train) in itertools.product(
-            ATTENTION, [False, True], [False, True], MODES):
+            paths, [False, True], [False, True] if sped_up else [False], MODES):
         _set_paths(model, native_on, fused, sequential, chunking)
         model.train(train)
         with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -208,7 +221,7 @@ def test_a_nan_pixel_makes_its_own_image_nan_on_every_path(kind, bf16, monkeypat
             wrong.append(f"{att} sequential={sequential} chunked={chunking} {mode}: NaN per image "
                          f"{nan.sum(1).tolist()}")
     assert not wrong, "\n".join(wrong)
-    if kind == "heads32" and native.available():
+    if kind == "heads32" and sped_up and native.available():
         assert calls  # the native kernel was on the paths that take it
 
 
@@ -217,15 +230,16 @@ def test_a_nan_pixel_makes_its_own_image_nan_on_every_path(kind, bf16, monkeypat
 @pytest.mark.parametrize("weight", ["logit_scale", "q_bias"])
 def test_a_nan_reaching_only_q_makes_the_logits_nan(weight, bf16, monkeypatch, one_thread):
     """A NaN that reaches q but not v (a NaN logit scale or q bias of one head): every score of
-    that head is NaN, and so is the output, with the native kernel as without it (a clamp
-    before the exponential once turned such rows into uniform attention and finite logits)."""
+    that head is NaN, and so is the output, with the native kernel as without it and on the
+    plain model (a clamp before the exponential once turned such rows into uniform attention
+    and finite logits)."""
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     calls = _count_native_calls(monkeypatch)
-    for native_on in (True, False):
-        model = _model("heads32").eval()
+    for sped_up, native_on in ((True, True), (True, False), (False, False)):
+        model = _model("heads32", sped_up).eval()
         with torch.no_grad():
             getattr(model.layers[2].blocks[1].attn, weight).view(-1)[0] = NAN
         _set_paths(model, native_on, fused=True, sequential=False, chunking=False)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            assert torch.isnan(model(x).float()).all(), f"native={native_on}"
+            assert torch.isnan(model(x).float()).all(), f"fast={sped_up} native={native_on}"
     assert calls

@@ -1,29 +1,39 @@
-"""The native window-attention kernel (swinv2.native), float32 and bfloat16: against PyTorch's
-attention in float64, inside the model against the reference path and against timm at 32-wide
-heads (the width every SwinV2 size uses, and the only one the kernel takes), and its
-fallbacks: turned off, no compiler, a corrupt cached library, a kernel that computes the wrong
-thing."""
+"""The native window-attention kernel (swinv2.fast.native), float32 and bfloat16: against
+PyTorch's attention in float64, inside the fast model against the plain model and against timm
+at 32-wide heads (the width every SwinV2 size uses, and the only one the kernel takes), and its
+fallbacks: not asked for (the default), no compiler, a cache folder others can write, a corrupt
+cached library, a kernel that computes the wrong thing."""
 
 from __future__ import annotations
 
 import copy
+import stat
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import swinv2
-from swinv2 import native
+from swinv2 import fast
+from swinv2.fast import native, onednn
+from swinv2.fast.attention import FastWindowAttention
 from swinv2.layers import WindowAttention
 
 try:
-    from helpers import randomize_, rel_err
+    from helpers import native_kernel_here, randomize_, rel_err
     from test_peer_parity import _load, _timm_class, timm_to_official
 except ImportError:  # collected as the ``tests`` package
-    from tests.helpers import randomize_, rel_err
+    from tests.helpers import native_kernel_here, randomize_, rel_err
     from tests.test_peer_parity import _load, _timm_class, timm_to_official
 
-needs_kernel = pytest.mark.skipif(not native.available(), reason=f"native kernel {native.status()}")
+needs_kernel = pytest.mark.skipif(not native_kernel_here(), reason=f"native kernel {native.status()}")
+
+
+@pytest.fixture(autouse=True)
+def asked_for(monkeypatch):
+    """The kernel is opt-in: asked for during each test here (and the switch restored after)."""
+    monkeypatch.setattr(native, "_switch", {"on": True})
 
 # d = 32 in every stage (widths 64..512)
 ARCH32 = dict(embed_dim=64, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16), num_classes=10)
@@ -257,26 +267,36 @@ def _count_calls(monkeypatch) -> list:
 
 
 def _attentions(model):
-    return [m for m in model.modules() if isinstance(m, WindowAttention)]
+    return [m for m in model.modules() if isinstance(m, FastWindowAttention)]
+
+
+def _plain(seed=1, **kw):
+    """The plain model with 32-wide heads."""
+    kw = dict(dict(img_size=64, window_size=4), **kw)
+    return randomize_(swinv2.SwinTransformerV2(drop_path_rate=0.0, **ARCH32, **kw), seed).eval()
+
+
+def _with_kernel(model):
+    """A copy of ``model`` with the speedups and the native kernel."""
+    return fast.apply(copy.deepcopy(model), native=True)
 
 
 @needs_kernel
 @pytest.mark.parametrize("img,window", [(64, 4), (128, 8), (112, 7)])
-def test_model_with_kernel_matches_reference_path(img, window, monkeypatch):
-    model = randomize_(swinv2.SwinTransformerV2(img_size=img, window_size=window, drop_path_rate=0.0, **ARCH32), 3)
-    model.eval()
+def test_model_with_kernel_matches_the_plain_model(img, window, monkeypatch):
+    plain = _plain(3, img_size=img, window_size=window)
+    model = _with_kernel(plain)
     x = torch.randn(3, 3, img, img, generator=torch.Generator().manual_seed(2))
     calls = _count_calls(monkeypatch)
     with torch.no_grad():
         got = model(x)
         blocks = sum(len(s.blocks) for s in model.layers)
         assert len(calls) == blocks  # every block, shifted or not, took the kernel
+        plain.set_fused_attn(False)  # the official step-by-step computation
+        reference = plain(x)
+        truth = copy.deepcopy(plain).double()(x.double())
         for m in _attentions(model):
-            m.fused_attn = False  # the official step-by-step computation
-        reference = model(x)
-        truth = copy.deepcopy(model).double()(x.double())
-        for m in _attentions(model):
-            m.fused_attn, m.native = True, False  # PyTorch's fused kernel
+            m.use_native = False  # PyTorch's fused kernel
         fused = model(x)
     assert len(calls) == blocks
     # float32 through a randomised network drifts ~1e-5 whichever kernel (see test_peer_parity);
@@ -291,6 +311,7 @@ def test_model_with_kernel_matches_timm(monkeypatch):
     peer = randomize_(_timm_class()(**kwargs, drop_path_rate=0.0).eval(), 5)
     ours = swinv2.SwinTransformerV2(drop_path_rate=0.0, **kwargs).eval()
     _load(ours, timm_to_official(peer.state_dict()))
+    fast.apply(ours, native=True)
     x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(4))
     calls = _count_calls(monkeypatch)
     with torch.no_grad():
@@ -303,20 +324,19 @@ def test_model_with_kernel_matches_timm(monkeypatch):
 def test_model_under_bfloat16_autocast_takes_the_kernel(img, window, monkeypatch):
     """bfloat16 autocast inference: every block takes the kernel, and the network is as close
     to its float64 self as with PyTorch's bfloat16 kernels (fused and step by step)."""
-    model = randomize_(swinv2.SwinTransformerV2(img_size=img, window_size=window, drop_path_rate=0.0, **ARCH32), 3)
-    model.eval()
+    plain = _plain(3, img_size=img, window_size=window)
+    model = _with_kernel(plain)
     x = torch.randn(3, 3, img, img, generator=torch.Generator().manual_seed(2))
-    truth = copy.deepcopy(model).double()(x.double()).detach()
+    truth = copy.deepcopy(plain).double()(x.double()).detach()
     calls = _count_calls(monkeypatch)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         got = model(x)
         blocks = sum(len(s.blocks) for s in model.layers)
         assert len(calls) == blocks
         for m in _attentions(model):
-            m.native = False
+            m.use_native = False
         fused = model(x)
-        for m in _attentions(model):
-            m.fused_attn = False
+        model.set_fused_attn(False)  # the plain step-by-step attention, between the same Linear layers
         reference = model(x)
     assert len(calls) == blocks
     assert got.dtype == torch.bfloat16
@@ -330,25 +350,26 @@ def test_attention_module_under_bfloat16_autocast_is_closer_with_the_kernel():
     """One attention module under bfloat16 autocast (the same bfloat16 qkv GEMM either way):
     the kernel's float32 normalisation, softmax and bias beat PyTorch's bfloat16 ones."""
     torch.manual_seed(0)
-    attn = randomize_(WindowAttention(64, 2), 4).eval()
+    plain = randomize_(WindowAttention(64, 2), 4).eval()
+    attn = _with_kernel(plain)
     x = torch.randn(8, 64, 64)
     mask = torch.zeros(4, 64, 64)
     mask[:, :32, 32:] = -100.0
     with torch.no_grad():
-        truth = copy.deepcopy(attn).double()(x.double(), (8, 8), mask.double())
+        truth = copy.deepcopy(plain).double()(x.double(), (8, 8), mask.double())
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert native.applies(*[torch.zeros(1, 2, 64, 32, dtype=torch.bfloat16)] * 3)
             got = attn(x, (8, 8), mask)
-            attn.native = False
+            attn.use_native = False
             fused = attn(x, (8, 8), mask)
-            attn.fused_attn = False
-            reference = attn(x, (8, 8), mask)
+            plain.fused_attn = False
+            reference = plain(x, (8, 8), mask)
     assert rel_err(got, truth) < min(rel_err(fused, truth), rel_err(reference, truth))
 
 
 @needs_kernel
 def test_kernel_is_not_used_for_training_or_float16(monkeypatch):
-    model = randomize_(swinv2.SwinTransformerV2(img_size=64, window_size=4, drop_path_rate=0.0, **ARCH32), 1)
+    model = _with_kernel(_plain())
     x = torch.randn(2, 3, 64, 64)
     calls = _count_calls(monkeypatch)
     model.train()
@@ -383,11 +404,9 @@ def test_compiled_inference_keeps_the_kernels_as_graph_operators(dtype):
     """Under torch.compile (whole graph) inference calls the native attention and oneDNN's
     inner product as the custom operators swinv2::window_attention and swinv2::linear, with the
     same results; compiled training keeps PyTorch's differentiable operators."""
-    from swinv2 import layers
-
-    if not layers._onednn_ready(dtype):
+    if not onednn.ready(dtype):
         pytest.skip(f"oneDNN's inner product does not run {dtype} here")
-    model = randomize_(swinv2.SwinTransformerV2(img_size=64, window_size=4, drop_path_rate=0.0, **ARCH32), 1).eval()
+    model = _with_kernel(_plain())
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     seen: list = []
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
@@ -397,9 +416,9 @@ def test_compiled_inference_keeps_the_kernels_as_graph_operators(dtype):
         # the fake implementations hold under AOT tracing too (shapes, dtypes, strides)
         aot = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
     torch._dynamo.reset()
-    linears = sum(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if "cpb_mlp" not in n)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert sum("swinv2.window_attention" in t for t in seen) == 8
-    assert sum("swinv2.linear" in t for t in seen) == linears - 1  # all but the head (F.linear)
+    assert sum("swinv2.linear" in t for t in seen) == linears  # the position-bias MLP's and the head's too
     assert got.dtype == want.dtype and rel_err(got, want) < 1e-6 and rel_err(aot, want) < 1e-6
     seen.clear()
     model.train()
@@ -430,22 +449,99 @@ def test_available_wherever_it_can_be_built():
     assert native.available(), native.status()
 
 
-def test_turned_off_by_environment(fresh, monkeypatch):
-    monkeypatch.setenv("SWINV2_NATIVE", "0")
-    assert not native.available()
-    assert native.status() == "off (turned off by SWINV2_NATIVE)"
+@pytest.mark.parametrize("env", [None, "0", "1"])
+def test_asked_for_by_enable_or_the_environment(fresh, monkeypatch, env):
+    monkeypatch.setattr(native, "_switch", {})
+    if env is None:
+        monkeypatch.delenv("SWINV2_NATIVE", raising=False)
+    else:
+        monkeypatch.setenv("SWINV2_NATIVE", env)
+    assert native.enabled() == (env == "1")
+    if env != "1":
+        assert not native.available() and native.status() == f"off ({native.OFF_NOTE})"
+        assert not list(fresh.rglob("*"))  # nothing compiled, not even the cache folder made
+    model = swinv2.create_model("swinv2_debug", **ARCH32)
+    assert all(m.use_native == (env == "1") for m in _attentions(model))
+    native.enable(env != "1")  # enable() decides over the environment
+    assert native.enabled() == (env != "1")
+    assert all(m.use_native == (env != "1") for m in _attentions(swinv2.create_model("swinv2_debug", **ARCH32)))
+
+
+def test_off_by_default_and_says_so(fresh, monkeypatch):
+    """Nobody asked: the fast model runs PyTorch's attention, nothing is compiled, and
+    swinv2.fast.status() says the kernel is opt-in."""
+    monkeypatch.setattr(native, "_switch", {})
+    monkeypatch.delenv("SWINV2_NATIVE", raising=False)
+    calls = _count_calls(monkeypatch)
+    model = randomize_(swinv2.create_model("swinv2_debug", img_size=64, window_size=4, **ARCH32), 1).eval()
+    assert _attentions(model) and not any(m.use_native for m in _attentions(model))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    assert calls == [] and "fn" not in native._state and not list(fresh.rglob("*"))
+    [(on, why)] = [(on, why) for name, on, why in fast.status() if name == "native"]
+    assert not on and "opt-in" in why and "SWINV2_NATIVE=1" in why
+
+
+def test_asking_for_it_says_once_that_it_compiles_and_where(fresh, capsys):
+    if native._cpu_supported() or native._compiler() is None:
+        pytest.skip("this machine cannot build the native kernel")
+    assert native.available(), native.status()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "compiling the native attention kernel" in lines[0]
+    assert str(fresh / "kernels") in lines[0]
+    native._state.clear()  # a new process: the cached library is loaded, not compiled
+    assert native.available() and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770], ids=["others", "group"])
+@pytest.mark.parametrize("which", ["cache", "kernels"])
+def test_a_cache_folder_others_can_write_is_refused(fresh, monkeypatch, mode, which):
+    """A library in a folder others can write could be replaced and would then run in this
+    process: the kernel stays off, with the reason, and one warning says so."""
+    monkeypatch.setattr(native, "_cpu_supported", lambda: None)
+    monkeypatch.setattr(native, "_compiler", lambda: "/usr/bin/cc")
+    folder = fresh if which == "cache" else fresh / "kernels"
+    folder.mkdir(exist_ok=True)
+    folder.chmod(mode)
+    with pytest.warns(RuntimeWarning, match="native attention kernel is off .*writable by other users"):
+        assert not native.available()
+    assert native.status().startswith("off (") and f"{folder} is writable by other users" in native.status()
+    [(on, why)] = [(on, why) for name, on, why in fast.status() if name == "native"]
+    assert not on and "writable by other users" in why
     assert not list(fresh.rglob("*.so"))
+    assert stat.S_IMODE(folder.stat().st_mode) == mode  # left as it was
+
+
+def test_falling_back_warns_once(fresh, monkeypatch, one_thread):
+    """Asked for where it cannot be had: one RuntimeWarning, then PyTorch's attention, quietly."""
+    monkeypatch.setattr(native, "_cpu_supported", lambda: "CPU lacks avx512f")
+    plain = _plain()
+    model = _with_kernel(plain)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match=r"native attention kernel is off \(CPU lacks avx512f\)"):
+            got = model(x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            again = model(x)
+            assert not native.available()
+        assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+        for m in _attentions(model):
+            m.use_native = False
+        assert torch.equal(got, again) and torch.equal(got, model(x))
+        assert rel_err(got, plain(x)) < 5e-5
 
 
 def test_a_failing_compiler_falls_back_with_the_reason(fresh, monkeypatch):
     if native._cpu_supported():
         pytest.skip(native._cpu_supported())
     monkeypatch.setattr(native, "_compiler", lambda: "/bin/false")
-    assert not native.available()
+    with pytest.warns(RuntimeWarning, match="native attention kernel is off"):
+        assert not native.available()
     assert native.status().startswith("off (could not build or load it: false failed")
     assert not list(fresh.rglob("*"))[1:]  # the kernels folder only: no half-written library left
     # and the model runs on PyTorch's kernels
-    model = randomize_(swinv2.SwinTransformerV2(img_size=64, window_size=4, drop_path_rate=0.0, **ARCH32), 1)
+    model = _with_kernel(_plain())
     with torch.no_grad():
         assert torch.isfinite(model.eval()(torch.randn(2, 3, 64, 64))).all()
 
@@ -523,7 +619,7 @@ def test_exported_programs_hold_only_pytorch_operators(grad):
     """torch.export records a graph to run elsewhere: with 32-wide heads (where the kernel
     applies) and with or without autograd, it holds neither swinv2's operators nor oneDNN's,
     and computes what the model does."""
-    model = randomize_(swinv2.SwinTransformerV2(img_size=64, window_size=4, drop_path_rate=0.0, **ARCH32), 1).eval()
+    model = _with_kernel(_plain())
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.set_grad_enabled(grad):
         program = torch.export.export(model, (x,))
@@ -665,12 +761,12 @@ def test_a_failing_start_is_remembered_with_its_reason(fresh, monkeypatch, stage
     tries = len(calls)
     assert tries == (2 if isinstance(error, OSError) and stage == "_load" else 1)  # one rebuild
     assert native.status().startswith("off (") and f"{type(error).__name__}: {error}" in native.status()
-    model = randomize_(swinv2.SwinTransformerV2(img_size=64, window_size=4, drop_path_rate=0.0, **ARCH32), 1).eval()
+    model = _with_kernel(_plain())
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         got = model(x)
         for m in _attentions(model):
-            m.native = False
+            m.use_native = False
         want = model(x)
     assert not native.available() and len(calls) == tries  # nothing tried again
     assert torch.equal(got, want)

@@ -12,7 +12,8 @@ Peers:
 - Hugging Face ``Swinv2ForImageClassification``: separate query/key/value Linears (key has no
   bias), the merging keeps its stage index.
 - torchvision ``SwinTransformer`` with the V2 block and merging: ``features.*`` layout, one
-  ``qkv.bias`` whose key slice is zeroed at forward time.
+  ``qkv.bias`` whose key slice is zeroed at forward time; and with its default V1 block and
+  merging, against a swinv2 model built with every V1 switch.
 
 Float64 and the logit-scale clamp: the official code clamps ``logit_scale`` at
 ``torch.log(torch.tensor(100.))``, a float32 value, and swinv2 keeps that constant
@@ -38,6 +39,7 @@ import pytest
 import torch
 
 import swinv2
+import swinv2.fast
 import swinv2.layers
 from swinv2.loading import DERIVED_BUFFERS
 
@@ -539,3 +541,55 @@ def test_torchvision_departs_when_stage_is_smaller_than_window():
     x = _images(64, seed=53)
     with torch.no_grad():
         assert rel_err(ours(x), peer(x)) > 1e-3
+
+
+# Every V1 switch: pre-norm blocks, scaled dot-product attention, the learned bias table, and
+# patch merging's LayerNorm over the 4C concatenation before the reduction.
+V1 = dict(norm_placement="pre", attn_type="dot", position_bias="table", merge_norm="pre")
+
+
+def _tv_v1_pair(seed: int = 0):
+    tv = pytest.importorskip("torchvision.models.swin_transformer")
+    case = TV_CASES["128-w4"]
+    peer = tv.SwinTransformer(  # the V1 block and merging are torchvision's defaults
+        patch_size=[4, 4], embed_dim=ARCH["embed_dim"], depths=list(ARCH["depths"]),
+        num_heads=list(ARCH["num_heads"]), window_size=list(case["window_size"]), stochastic_depth_prob=0.0,
+        num_classes=ARCH["num_classes"],
+    ).eval()
+    randomize_(peer, seed)
+    with torch.no_grad():
+        stem_norm = peer.features[0][2]  # (see _tv_pair)
+        stem_norm.weight.mul_(4).add_(1)
+        stem_norm.bias.mul_(2)
+    ours = _ours(img_size=case["img_size"], window_size=case["window_size"], **ARCH, **V1)
+    # torchvision's V1 keeps a key bias; it adds q.b_k to every score of a query row alike,
+    # which the softmax cancels, so the official layout's q and v biases carry the same model
+    _load(ours, tv_to_official(peer.state_dict()))
+    return peer, ours
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_every_v1_switch_gives_torchvisions_swin_v1(dtype, tol):
+    peer, ours = _tv_v1_pair(seed=60)
+    _cast(dtype, peer, ours)
+    x = _images(128, seed=61).to(dtype)
+    with torch.no_grad():
+        _check(ours(x), peer(x), tol, "logits")
+        final_peer, maps_peer = _tv_stage_maps(peer, x)
+        maps_ours = ours.forward_intermediates(x, output_fmt="NHWC", intermediates_only=True)
+        for i, (a, b) in enumerate(zip(maps_ours, maps_peer)):
+            _check(a, b, tol, f"stage {i} (NHWC)")
+        assert rel_err(swinv2.fast.apply(ours)(x), peer(x)) < tol  # and with the speedups
+
+
+def test_v1_patch_merging_order_matters():
+    """Parity is not vacuous: the V2 merging order (LayerNorm after the reduction, over 2C)
+    cannot hold torchvision's V1 weights."""
+    tv = pytest.importorskip("torchvision.models.swin_transformer")
+    peer = tv.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=[4, 4],
+                              num_classes=10)
+    ours = _ours(img_size=64, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), num_classes=10,
+                 pretrained_window_sizes=(0, 0),
+                 **dict(V1, merge_norm="post"))
+    report = swinv2.load_pretrained(ours, tv_to_official(peer.state_dict()), strict=False)
+    assert not report.ok and any("downsample.norm" in name for name, _, _ in report.mismatched), str(report)

@@ -66,7 +66,7 @@ def test_a_training_checkpoint(model, tmp_path, in_memory):
                   "config": {"img_size": 48, "crop_pct": 0.9}, "class_names": ["x", "y", "z"]}
     torch.save(checkpoint, tmp_path / "checkpoint-best.pt")
     w = read_weights(checkpoint if in_memory else tmp_path / "checkpoint-best.pt")
-    assert w.kind == "checkpoint" and w.config["img_size"] == 32 and w.run_config["img_size"] == 48
+    assert w.kind == "checkpoint" and w.config["img_size"] == [32, 32] and w.run_config["img_size"] == 48
     assert w.class_names == ["x", "y", "z"]
     assert w.preprocess == dict(img_size=48, crop_pct=0.9, crop_mode="center")
     rebuilt = swinv2.create_model(pretrained=w)

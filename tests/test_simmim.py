@@ -79,7 +79,7 @@ def _naive_loss(sim: SimMIM, x: torch.Tensor, mask: torch.Tensor) -> float:
         tokens = enc.patch_embed(x).clone()  # (B, h, w, C) after the patch norm
         for b, i, j in mask.nonzero().tolist():
             tokens[b, i, j] = sim.mask_token.view(-1)
-        feats = enc.forward_tokens(enc._add_pos_embed(tokens))  # (B, h', w', F)
+        feats = enc.forward_tokens(enc.add_pos_embed(tokens))  # (B, h', w', F)
         conv = sim.decoder[0]
         C = sim.in_chans
         weight = conv.weight.view(C, s, s, -1)  # output channel c*s*s + u*s + v -> pixel (c, u, v) of a cell

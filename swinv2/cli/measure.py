@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
 
 from .. import bench, fileio, memory
-from ..runtime import keep_freed_memory
+from ..fast.allocator import keep_freed_memory
 from ..train.distributed import check_device
 from ..variants import list_models
 from .common import non_negative_int, parse_side, positive_float, positive_int, window_arg
@@ -31,7 +32,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--malloc", choices=["system", "keep"], default="system",
                    help="CPU: 'system' (default) leaves the allocator as it is, as users run; 'keep' makes glibc "
                         "keep freed memory for reuse, for every implementation alike, so that steps are not timed "
-                        "re-faulting their activations page by page (swinv2.runtime)")
+                        "re-faulting their activations page by page (swinv2.fast.allocator)")
+    p.add_argument("--native", action="store_true",
+                   help="also use swinv2's native attention kernel (opt-in: compiles C code on this machine)")
     p.add_argument("--out", default="benchmarks", help="folder for the dated report ('' to print only)")
     p.set_defaults(func=cmd_bench)
 
@@ -61,6 +64,8 @@ def cmd_bench(args) -> int:
         fileio.check_writable(args.out, "--out", folder=True)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.native:  # opt-in; the environment variable reaches the memory subprocesses too
+        os.environ["SWINV2_NATIVE"] = "1"
     env = bench.environment(args.device)
     env["allocator"] = _allocator(args.malloc, args.device)
     rates, kernels = bench.machine_rates(args.dtype, args.device)
@@ -88,7 +93,8 @@ def _allocator(malloc: str, device: str) -> str:
     if malloc != "keep" or device.startswith("cuda"):
         return "as the system sets it"
     if keep_freed_memory():
-        return "glibc, freed memory kept in the process for every implementation (swinv2.runtime.keep_freed_memory)"
+        return ("glibc, freed memory kept in the process for every implementation "
+                "(swinv2.fast.allocator.keep_freed_memory)")
     return "not glibc: left as it is"
 
 

@@ -4,9 +4,8 @@ PyTorch's CPU tensors come from the C library's ``malloc``. glibc serves every b
 its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and unmaps it on ``free``, so each
 large activation of each step is faulted in again page by page, and trims freed memory at the
 top of the heap back to the OS. For SwinV2 on a CPU, whose activations are tens to hundreds of
-MiB, that is a large share of a step: on a 2-core VM, SwinV2-T at batch 32 spent a third of its
-CPU time in the kernel; keeping freed memory in the process made fp32 inference 1.66x and a
-fp32 training step 1.6x faster, for timm's SwinV2 as much (``benchmarks/``).
+MiB, that is a large share of a step (``benchmarks/`` has the measurements, for timm's SwinV2 as
+much as for this one).
 :func:`keep_freed_memory` turns both off for the rest of the process, the same effect as
 starting it with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>``. The cost: memory freed
 by the process is reused by it but not handed back to the OS until it exits (the resident set
@@ -36,6 +35,9 @@ def _libc():
         return None
 
 
+_kept: list[bool] = []
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS
     (large blocks from the heap instead of ``mmap``; no trimming). True where it applied
@@ -45,4 +47,12 @@ def keep_freed_memory() -> bool:
         return False
     # mallopt returns 1 on success; a trim threshold of -1 is read as the largest size_t
     ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
-    return bool(ok and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1)
+    ok = bool(ok and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1)
+    if ok and not _kept:
+        _kept.append(True)
+    return ok
+
+
+def is_kept() -> bool:
+    """Whether :func:`keep_freed_memory` applied in this process."""
+    return bool(_kept)

@@ -1,22 +1,25 @@
-"""A native window-attention kernel for AVX-512 CPUs (inference, float32 and bfloat16).
+"""A native window-attention kernel for AVX-512 CPUs (inference, float32 and bfloat16); opt-in.
 
-PyTorch's CPU attention kernel and its batched matmuls reach ~55 GFLOP/s on SwinV2's
-64-token, 32-wide heads on a 2-core AVX-512 machine, where the same machine's GEMMs run at
-~400: small per-(window, head) matrix products pay call overheads, and on AMD CPUs the BLAS
+PyTorch's CPU attention kernel and its batched matmuls run SwinV2's small per-(window, head)
+products far below the machine's GEMM rate: each pays call overheads, and on AMD CPUs the BLAS
 they call takes a narrower code path. ``kernels/window_attention.c`` does the whole
-softmax(q kᵀ + bias) v of a (window, head) in registers and a few cache lines, 1.4-2x faster.
+softmax(q kᵀ + bias) v of a (window, head) in registers and a few cache lines (``benchmarks/``).
 bfloat16 q, k and v (autocast inference) are widened as they are read and computed in
 float32, so only the output is rounded to bfloat16.
 
-It is compiled on first use with the system's C compiler (``$CC``, else ``cc``/``gcc``) into
-a per-user cache (``$SWINV2_CACHE_DIR``, else ``~/.cache/swinv2``), atomically, so that
-concurrent processes never load a half-written library, and loaded with :mod:`ctypes`.
-Before first use it is checked against ``F.scaled_dot_product_attention`` on random inputs.
-Nothing here is required: without an x86-64 CPU with AVX-512 (F and DQ), a compiler, or when
-``SWINV2_NATIVE=0``, :func:`available` is False and the model uses PyTorch's kernels;
-:func:`status` says why. Whatever goes wrong while building, loading or checking it (a broken
-compiler, a damaged cached library, a failed self-test) turns it off for the rest of the
-process, with the reason, and is not tried again on every call; :func:`rebuild` tries again.
+It compiles C code inside the user's process, so it runs only when asked:
+``swinv2.fast.apply(model, native=True)``, :func:`enable`, or ``SWINV2_NATIVE=1``. Then it is
+compiled on first use with the system's C compiler (``$CC``, else ``cc``/``gcc``) into a
+per-user cache (``$SWINV2_CACHE_DIR``, else ``~/.cache/swinv2``), saying once that it does and
+where; a cache folder that other users can write is refused (a library placed there would run
+in this process). It is written atomically, so that concurrent processes never load a
+half-written library, loaded with :mod:`ctypes`, and checked against
+``F.scaled_dot_product_attention`` on random inputs before first use. Nothing here is
+required: without an x86-64 CPU with AVX-512 (F and DQ) or a compiler, :func:`available` is
+False, a warning says so once, and the model uses PyTorch's kernels; :func:`status` says why.
+Whatever goes wrong while building, loading or checking it (a broken compiler, a damaged cached
+library, a failed self-test) turns it off for the rest of the process, with the reason, and is
+not tried again on every call; :func:`rebuild` tries again.
 
 Every call into the library goes through the same input checks (:func:`_check_raw`): the C
 code trusts the shapes, dtypes and strides it is given, so a tensor it would misread is
@@ -30,13 +33,18 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
+import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .capture import graph_constant, recording
 
 HEAD_DIM = 32  # the kernel's head width (every SwinV2 size uses 32)
 NORM_EPS = 1e-12  # the floor of the q and k norms in cosine attention (F.normalize's default)
@@ -46,6 +54,21 @@ _CPU_FLAGS = ("avx512f", "avx512dq", "fma")
 
 _lock = threading.Lock()
 _state: dict = {}  # "fn": the ctypes function or None, "why": reason when None, "path": library
+_switch: dict = {}  # "on": set by enable(); without it, SWINV2_NATIVE decides
+OFF_NOTE = ("opt-in: it compiles C code on this machine; swinv2.fast.apply(model, native=True) or "
+            "SWINV2_NATIVE=1 turns it on")
+
+
+def enabled() -> bool:
+    """Whether the kernel was asked for: :func:`enable`, else ``SWINV2_NATIVE=1``."""
+    if "on" in _switch:
+        return _switch["on"]
+    return os.environ.get("SWINV2_NATIVE", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+def enable(on: bool = True) -> None:
+    """Ask for the kernel (it is compiled on first use) or stop using it, for this process."""
+    _switch["on"] = bool(on)
 
 
 def _cpu_supported() -> str | None:
@@ -74,15 +97,35 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def _private_folder(folder: Path) -> None:
+    """Create ``folder`` for this user alone, or check that nobody else can write it or the
+    folder above it: a library in a folder others can write could be replaced and would then
+    run in this process. RuntimeError naming the folder otherwise."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for path in (folder, folder.parent):
+        info = path.stat()
+        sticky_shared = info.st_mode & stat.S_ISVTX and path != folder  # /tmp-like: others cannot replace ours
+        if info.st_uid != os.getuid() and not sticky_shared:
+            raise RuntimeError(f"the kernel cache {path} belongs to another user: set SWINV2_CACHE_DIR to a "
+                               "folder of your own")
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_shared:
+            raise RuntimeError(f"the kernel cache {path} is writable by other users: make it private "
+                               f"(chmod go-w {path}) or set SWINV2_CACHE_DIR to a folder of your own")
+
+
 def _build(cc: str, force: bool = False) -> Path:
     """Compile the kernel into the cache (once per source, flags and compiler, or again when
     ``force``) and return it."""
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"window_attention-{key}.so"
+    _private_folder(out.parent)
     if out.exists() and not force:
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+        info = out.stat()
+        if info.st_uid == os.getuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return out
+    print(f"swinv2: compiling the native attention kernel with {cc} into {out.parent} (once per machine; "
+          "SWINV2_NATIVE=0 turns it off)", file=sys.stderr, flush=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
@@ -181,8 +224,6 @@ def _init(force: bool = False) -> dict:
     the function or None and why (and the library's path once loaded). Any Exception is an
     outcome, kept so that it is not met again on every call; KeyboardInterrupt and SystemExit
     pass through."""
-    if os.environ.get("SWINV2_NATIVE", "1").strip().lower() in ("0", "false", "off", "no"):
-        return dict(fn=None, why="turned off by SWINV2_NATIVE")
     fn, why, outcome = None, None, {}
     try:
         why = _cpu_supported()
@@ -211,10 +252,17 @@ def _init(force: bool = False) -> dict:
 
 
 def _function():
+    """The kernel, built on the first call once enabled; None (with a warning, once) when it
+    cannot be had here."""
+    if not enabled():
+        return None
     if "fn" not in _state:
         with _lock:
             if "fn" not in _state:
                 _state.update(_init())
+                if _state["fn"] is None:
+                    warnings.warn(f"swinv2's native attention kernel is off ({_state['why']}); PyTorch's "
+                                  "attention is used instead", RuntimeWarning, stacklevel=3)
     return _state["fn"]
 
 
@@ -230,39 +278,18 @@ def rebuild() -> bool:
 
 
 def available() -> bool:
-    """Whether the native kernel is built, loaded and checked on this machine (builds it on
-    the first call)."""
+    """Whether the native kernel is asked for, built, loaded and checked on this machine
+    (builds it on the first call once enabled)."""
     return _function() is not None
-
-
-def graph_constant(fn):
-    """``fn`` for torch.compile to call once while tracing and keep the answer as a constant
-    of the graph (``torch.compiler.assume_constant_result``), instead of tracing into it: for
-    the process-wide facts behind swinv2's CPU kernels (built? does oneDNN run this dtype?),
-    whose code (a compiler run, a probe) a graph cannot hold."""
-    constant = getattr(torch.compiler, "assume_constant_result", None)
-    return constant(fn) if constant is not None else fn
 
 
 _available_in_graph = graph_constant(available)
 
 
-def recording() -> str | None:
-    """How the current call is being captured: None when it simply runs; ``"compile"`` while
-    ``torch.compile`` traces it (a graph that runs in this process, where swinv2's CPU kernels
-    are custom operators like any other); ``"export"`` while ``torch.export``, an ONNX export or
-    TorchScript records it (a graph for elsewhere: PyTorch's own operators only)."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
-        return "export"
-    if torch.compiler.is_exporting():  # torch >= 2.7, the package's floor
-        return "export"
-    if torch.compiler.is_compiling():
-        return "compile"
-    return None
-
-
 def status() -> str:
     """One line: the kernel in use, or why not."""
+    if not enabled():
+        return f"off ({OFF_NOTE})"
     return "on" if available() else f"off ({_state['why']})"
 
 
