@@ -8,10 +8,16 @@ import sys
 import torch
 
 from .. import bench, fileio, memory
-from ..fast.allocator import keep_freed_memory
 from ..train.distributed import check_device
 from ..variants import list_models
 from .common import non_negative_int, parse_side, positive_float, positive_int, window_arg
+
+try:  # a speedup of swinv2.fast, a package of its own: without it --malloc keep is unavailable
+    from ..fast.allocator import keep_freed_memory
+except ModuleNotFoundError as missing:
+    if not (missing.name or "").startswith("swinv2.fast"):
+        raise
+    keep_freed_memory = None
 
 COMPILE = {"off": (False,), "on": (True,), "both": (False, True)}
 
@@ -92,6 +98,8 @@ def _allocator(malloc: str, device: str) -> str:
     """``--malloc keep`` applied (on a CPU), and the report's line saying what the allocator did."""
     if malloc != "keep" or device.startswith("cuda"):
         return "as the system sets it"
+    if keep_freed_memory is None:
+        raise ValueError("--malloc keep needs swinv2.fast, which is not installed here")
     if keep_freed_memory():
         return ("glibc, freed memory kept in the process for every implementation "
                 "(swinv2.fast.allocator.keep_freed_memory)")
