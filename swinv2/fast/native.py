@@ -124,8 +124,8 @@ def _build(cc: str, force: bool = False) -> Path:
         info = out.stat()
         if info.st_uid == os.getuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             return out
-    print(f"swinv2: compiling the native attention kernel with {cc} into {out.parent} (once per machine; "
-          "SWINV2_NATIVE=0 turns it off)", file=sys.stderr, flush=True)
+    print(f"swinv2: compiling the native attention kernel with {cc} into {out.parent} (once per machine)",
+          file=sys.stderr, flush=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
