@@ -98,7 +98,7 @@ def test_train_help_lists_the_flags_by_section(capsys):
     assert starts == sorted(starts), "sections out of order"
     ends = starts[1:] + [len(out)]
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "task":  # fixed by the subcommand
+        if f.name == "command":  # fixed by the subcommand
             continue
         i = SECTIONS.index(f.metadata["section"])
         at = re.search(rf"\n  {re.escape(flag(f.name))}[ ,\n]", out)

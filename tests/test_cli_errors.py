@@ -160,6 +160,12 @@ def test_every_module_imports_without_the_extras():
     (["eval", "--model", DEBUG], "sklearn", "swinv2 eval needs scikit-learn"),
     (["export", "--model", DEBUG, "--format", "onnx", "--output", "m.onnx"], "onnxscript",
      "swinv2 export --format onnx needs onnxscript (pip install 'swinv2[export]')"),
+    (["train", "--task", "detection"], "torchmetrics", "swinv2 train needs torchmetrics (pip install 'swinv2[dense]')"),
+    (["train", "--task", "detection"], "pycocotools", "swinv2 train needs pycocotools (pip install 'swinv2[dense]')"),
+    (["train", "--task", "segmentation"], "skimage",
+     "swinv2 train needs scikit-image for the bundled demo images used without --data (pip install 'swinv2[dense]')"),
+    (["finetune", "--task", "segmentation", "--checkpoint", "w.pth"], "torchmetrics", "swinv2 finetune needs "
+     "torchmetrics"),
 ])
 def test_a_missing_extra_is_named_before_any_work(command, missing, needs, without, data, tmp_path, capsys):
     without(missing)
@@ -253,11 +259,14 @@ BAD = {
     "betas": "0.9", "eps": "0", "clip_grad": "0", "layer_decay": "1.5", "milestones": "-1", "gamma": "0",
     "ema": "1", "seed": "-1", "threads": "-4", "eval_every": "0", "save_every_steps": "-1", "log_every": "0",
     "max_steps": "0", "amp": "fp8", "scheduler": "linear", "sharding": "zero3", "device": "gpu",
-    "auto_augment": "bogus", "output": "",
+    "auto_augment": "bogus", "output": "", "task": "pose", "eval_mode": "tile", "frozen_stages": "-2",
+    "eval_window": "0", "aux_weight": "-1", "short_sides": "0", "max_side": "0", "test_short_side": "0",
+    "crop_size": "0", "base_size": "0", "ratio_range": "0", "eval_scales": "0", "fpn_channels": "0",
+    "box_samples": "0", "decoder_channels": "1",
 }
-NOT_NUMERIC = {"task", "model", "checkpoint", "data", "val", "auto_augment", "device", "output", "resume",
-               "deepspeed_config", "grad_checkpointing", "scale_lr", "compile", "tensorboard", "progress", "amp",
-               "scheduler", "sharding"}
+NOT_NUMERIC = {"command", "task", "eval_mode", "eval_flip", "model", "checkpoint", "data", "val", "auto_augment",
+               "device", "output", "resume", "deepspeed_config", "grad_checkpointing", "scale_lr", "compile",
+               "tensorboard", "progress", "amp", "scheduler", "sharding"}
 
 
 def test_every_numeric_field_has_a_range():

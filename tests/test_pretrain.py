@@ -14,7 +14,7 @@ FAST = dict(model="swinv2_debug", img_size=32, window=4, batch_size=8, epochs=1,
 
 
 def test_pretrain_then_finetune_and_reconstruct(tmp_path, capsys):
-    cfg = TrainConfig(task="pretrain", output=str(tmp_path / "pt"), max_steps=6, **FAST)
+    cfg = TrainConfig(command="pretrain", output=str(tmp_path / "pt"), max_steps=6, **FAST)
     assert pretrain.main(cfg) == 0
     run = Path(cfg.output)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -25,7 +25,7 @@ def test_pretrain_then_finetune_and_reconstruct(tmp_path, capsys):
     assert "mask_token" in state["model"] and "decoder.0.weight" in state["model"]
 
     # fine-tune at twice the size and window: pretrained windows come from the pre-training run
-    ft = TrainConfig(task="finetune", checkpoint=str(run / "checkpoint-last.pt"), output=str(tmp_path / "ft"),
+    ft = TrainConfig(command="finetune", checkpoint=str(run / "checkpoint-last.pt"), output=str(tmp_path / "ft"),
                      max_steps=2, layer_decay=0.8, **{**FAST, "img_size": 64, "window": 8, "mixup": 0.0,
                                                      "cutmix": 0.0})
     model, report = supervised.build_classifier(ft, 10)

@@ -42,7 +42,7 @@ OFFICIAL = {
 def load(name: str) -> TrainConfig:
     """The recipe as a config; a fine-tune gets a stand-in --checkpoint, as on the command line."""
     path = RECIPES / f"{name}.yaml"
-    extra = {"checkpoint": "stand-in.pth"} if read_recipe(path).get("task") == "finetune" else {}
+    extra = {"checkpoint": "stand-in.pth"} if read_recipe(path).get("command") == "finetune" else {}
     return TrainConfig.from_file(path, **extra)
 
 
@@ -73,7 +73,7 @@ def test_recipe_parses_and_builds_its_model(name):
         overrides["drop_path_rate"] = cfg.drop_path
     if cfg.pretrained_windows:
         overrides["pretrained_window_sizes"] = list(cfg.pretrained_windows)
-    if cfg.task == "pretrain":
+    if cfg.command == "pretrain":
         overrides["num_classes"] = 0
     with torch.device("meta"):
         model = swinv2.create_model(cfg.model, **overrides)
@@ -91,7 +91,7 @@ def test_official_recipe_values(name):
     assert all(str(info[k]).strip() for k in ABOUT_KEYS)
     assert "estimate" in info["time"]
     assert info["global_batch"] == global_batch
-    assert (cfg.task, cfg.epochs, cfg.warmup_epochs) == (task, epochs, warmup)
+    assert (cfg.command, cfg.epochs, cfg.warmup_epochs) == (task, epochs, warmup)
     assert math.isclose(cfg.weight_decay, wd)
     assert "checkpoint" not in read_recipe(RECIPES / f"{name}.yaml")  # left to the command line
     assert cfg.scale_lr and cfg.clip_grad == 5.0
@@ -111,10 +111,10 @@ def test_command_matches_recipe(name):
     gpus = int(opt["--nproc-per-node"]) * int(opt.get("--nnodes", 1))
     assert gpus * cfg.batch_size * cfg.accum_steps == info["global_batch"]
     module = argv.index("-m")
-    assert argv[module + 1: module + 3] == ["swinv2", cfg.task]  # the subcommand sets the task
+    assert argv[module + 1: module + 3] == ["swinv2", cfg.command]  # the subcommand sets the task
     assert opt["--config"] == name
     assert {"--data", "--output"} <= set(opt)
-    assert ("--checkpoint" in opt) == (cfg.task == "finetune")
+    assert ("--checkpoint" in opt) == (cfg.command == "finetune")
     if gpus > 8:
         assert {"--rdzv-backend", "--rdzv-endpoint"} <= set(opt)
 
@@ -129,7 +129,7 @@ def test_finetunes_start_from_192_window12(name):
 def test_evaluation_crop():
     for name in OFFICIAL:
         cfg = load(name)
-        if cfg.task == "pretrain":
+        if cfg.command == "pretrain":
             continue
         expected = 1.0 if cfg.img_size == 384 else 0.875  # official TEST.CROP False only at 384
         assert cfg.crop_pct == expected, name

@@ -175,7 +175,7 @@ def test_run_outputs_and_eval(tmp_path, capsys):
 def test_finetune_at_another_size_and_window(tmp_path):
     src = _cfg(tmp_path, "src", max_steps=2)
     assert supervised.main(src) == 0
-    ft = _cfg(tmp_path, "ft", task="finetune", checkpoint=str(Path(src.output) / "checkpoint-last.pt"),
+    ft = _cfg(tmp_path, "ft", command="finetune", checkpoint=str(Path(src.output) / "checkpoint-last.pt"),
               img_size=64, window=8, layer_decay=0.75, max_steps=2)
     model, report = supervised.build_classifier(ft, 10)
     # the source trained at 32 px with window 4: stage maps 8,4,2,1 -> windows 4,4,2,1
@@ -208,7 +208,7 @@ def test_bad_input_is_refused_clearly(tmp_path, capsys):
     with pytest.raises(FileExistsError, match="--resume"):
         supervised.main(cfg)
     # weights of another architecture: the mismatched keys are named
-    bad = _cfg(tmp_path, "bad", task="finetune", model="swinv2_tiny_window8_256",
+    bad = _cfg(tmp_path, "bad", command="finetune", model="swinv2_tiny_window8_256",
                checkpoint=str(Path(cfg.output) / "checkpoint-last.pt"))
     with pytest.raises(ValueError, match="layers.0.blocks.0"):
         supervised.build_classifier(bad, 10)

@@ -23,7 +23,7 @@ def test_config_checks_values():
     with pytest.raises(ValueError, match="amp must be one of"):
         TrainConfig(amp="fp8")
     with pytest.raises(ValueError, match="finetune needs --checkpoint"):
-        TrainConfig(task="finetune")
+        TrainConfig(command="finetune")
     with pytest.raises(ValueError, match="unknown fields"):
         TrainConfig.from_dict({"learning_rate": 1.0})
 

@@ -22,6 +22,10 @@ OPTIONAL = {
     "onnxruntime": ("onnxruntime", "export"),
     "onnxscript": ("onnxscript", "export"),
     "deepspeed": ("deepspeed", "deepspeed"),
+    "torchmetrics": ("torchmetrics", "dense"),
+    "pycocotools": ("pycocotools", "dense"),
+    "faster_coco_eval": ("faster-coco-eval", "dense"),
+    "skimage": ("scikit-image", "dense"),
 }
 
 

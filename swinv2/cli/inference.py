@@ -9,6 +9,8 @@ import sys
 import torch
 
 from .. import export, fileio, predict, reconstruct
+from ..tasks.dense import dense_task_of
+from ..tasks.dense_infer import predict_dense
 from ..train.distributed import check_device
 from ..weights import PRETRAINED
 from .common import check_model_size, fraction, parse_side, parse_size, positive_int, require, window_arg
@@ -32,7 +34,13 @@ def add_parsers(sub) -> None:
                    help="N or HxW: evaluate at this size instead of the weights' own (same crop policy)")
     p.add_argument("--labels", default=None, metavar="FILE", help="class names, one per line, in index order")
     p.add_argument("--format", choices=predict.FORMATS, default="table")
-    p.add_argument("--output", default=None, metavar="FILE", help="write the results here instead of stdout")
+    p.add_argument("--output", default=None, metavar="FILE_OR_DIR",
+                   help="write the results here instead of stdout; detection and segmentation checkpoints: the "
+                        "folder for the pictures (PNG) and predictions.json")
+    p.add_argument("--window", type=window_arg, default=None,
+                   help="detection and segmentation: window at test time (default: the run's)")
+    p.add_argument("--score-threshold", type=fraction, default=0.5,
+                   help="detection: draw and list objects scoring at least this (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
@@ -85,6 +93,9 @@ def cmd_predict(args) -> int:
     if args.model is None and args.checkpoint is None:
         raise ValueError("predict needs --model TAG_OR_NAME or --checkpoint PATH")
     device = check_device(args.device or "auto")
+    task = dense_task_of(args.checkpoint) if args.checkpoint else None
+    if task:
+        return _predict_dense(args, task, device)
     if args.output:
         fileio.check_writable(args.output, "--output")  # before the model is built and the images read
     files = predict.find_images(args.paths)  # bad paths fail before the model is built or downloaded
@@ -108,6 +119,29 @@ def cmd_predict(args) -> int:
     if failed:
         print(f"swinv2: {failed} of {len(rows)} images could not be read", file=sys.stderr)
     return 1 if failed == len(rows) else 0
+
+
+def _predict_dense(args, task: str, device) -> int:
+    if not args.output:
+        raise ValueError(f"predict with a {task} checkpoint writes pictures: give --output DIR")
+    if args.img_size and args.img_size[0] != args.img_size[1]:
+        raise ValueError(f"--img-size for {task} is one side (the short side images are resized to), got "
+                         f"{args.img_size[0]}x{args.img_size[1]}")
+    records = predict_dense(args.checkpoint, args.paths, args.output, task=task,
+                            img_size=args.img_size[0] if args.img_size else None, window=args.window,
+                            score_threshold=args.score_threshold, device=str(device))
+    for r in records:
+        if "error" in r:
+            print(f"{r['image']}: could not be read: {r['error']}", file=sys.stderr)
+        elif task == "detection":
+            found = ", ".join(f"{o['class']} {o['score']:.2f}" for o in r["objects"]) or "nothing"
+            print(f"{r['image']}: {found}")
+        else:
+            top = sorted(r["classes"], key=lambda c: -c["fraction"])[:3]
+            print(f"{r['image']}: " + ", ".join(f"{c['class']} {c['fraction'] * 100:.0f}%" for c in top))
+    print(f"pictures and predictions.json in {args.output}", file=sys.stderr)
+    failed = sum("error" in r for r in records)
+    return 1 if failed == len(records) else 0
 
 
 def cmd_export(args) -> int:

@@ -9,15 +9,16 @@ import time
 
 import torch
 
-from ..tasks import evaluate, pretrain, supervised
+from ..tasks import dense_infer, dense_train, evaluate, pretrain, supervised
 from ..tasks.checks import check_run
 from ..tasks.common import recipe_path
-from ..train.config import SECTIONS, TrainConfig, field_type, flag, plain
+from ..tasks.dense import dense_task_of
+from ..train.config import DENSE_TASKS, SECTIONS, TASKS, TrainConfig, field_type, flag, plain
 from ..train.distributed import check_device
 from .common import fraction, non_negative_int, parse_side, positive_int, require, window_arg
 
-TASKS = {
-    "train": "train a classifier from scratch (default data: bundled digits)",
+COMMANDS = {
+    "train": "train a classifier (default data: bundled digits), or a detector or segmenter (--task)",
     "finetune": "fine-tune from a checkpoint, at another resolution or window, with layer-wise lr decay",
     "pretrain": "SimMIM self-supervised pre-training",
 }
@@ -32,13 +33,19 @@ EPILOG = {
 # The recipe a run without --data and without --config gets: the bundled digits, tuned for them.
 DIGITS_RECIPES = {"train": "digits", "pretrain": "digits_simmim"}
 DIGITS = "for the bundled digits used without --data"
+# Dense tasks without --config: the bundled demo's recipe without --data, else the task's
+# general recipe (AdamW and the paper's schedule, no starting weights).
+DENSE_RECIPES = {"detection": ("detection_demo", "detection"), "segmentation": ("segmentation_demo", "segmentation")}
+DEMO = "for the bundled demo images used without --data"
+# What each dense task needs beyond the core install (the dense extra).
+DENSE_NEEDS = {"detection": ("torchmetrics", "pycocotools"), "segmentation": ("torchmetrics",)}
 
 
 def add_parsers(sub) -> None:
-    for task, help_text in TASKS.items():
+    for task, help_text in COMMANDS.items():
         p = sub.add_parser(task, help=help_text, epilog=EPILOG[task],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_config_arguments(p, exclude=("task",))
+        add_config_arguments(p, exclude=("command",))
         p.set_defaults(func=cmd_task)
 
     p = sub.add_parser("eval", help="top-1/top-5 of weights on an image folder (default: bundled digits)")
@@ -55,7 +62,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--threads", type=non_negative_int, default=0)
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the bundled digits' train/val split")
-    p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5 as fractions, ...)")
+    p.add_argument("--task", choices=TASKS, default=None,
+                   help="what the checkpoint predicts (default: what it says; dense checkpoints say so)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5 as fractions, ...; "
+                   "detection: bbox_AP, bbox_AP50, segm_AP, segm_AP50, ...; segmentation: mIoU, mAcc, aAcc)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -97,7 +107,7 @@ def _scalar_type(kind, optional: bool):
 def config_from_args(args: argparse.Namespace, task: str | None = None) -> TrainConfig:
     """The config of parsed flags: the ``--config`` recipe with the flags typed over it."""
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    return TrainConfig.from_flags(flags, recipe=getattr(args, "config", None), task=task)
+    return TrainConfig.from_flags(flags, recipe=getattr(args, "config", None), command=task)
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -107,6 +117,9 @@ def cmd_task(args) -> int:
     """``swinv2 train``, ``finetune`` or ``pretrain``: the run's config, the checks before it
     starts, then the task's ``main``."""
     task = args.command
+    dense = getattr(args, "task", None) in DENSE_TASKS
+    if dense:
+        return _dense_task(args)
     # Recipes and the run's config.yaml are YAML; supervised augmentation and mixup are timm's;
     # pre-training draws a reconstruction picture (matplotlib) at the end of every epoch.
     require(task, "yaml", "matplotlib" if task == "pretrain" else "timm")
@@ -123,13 +136,48 @@ def cmd_task(args) -> int:
     if cfg.sharding == "deepspeed":
         require(task, "deepspeed", reason="for --sharding deepspeed")
     check_run(cfg)
+    if cfg.task in DENSE_TASKS:  # a dense recipe given with --config
+        return _run_dense(args.command, cfg, demo=False)
     if digits:
         print(f"no --data: training on scikit-learn's bundled handwritten digits with {args.config}")
     return (pretrain.main if task == "pretrain" else supervised.main)(cfg)
 
 
+def _dense_task(args) -> int:
+    """``swinv2 train|finetune --task detection|segmentation``: the demo recipe without --data,
+    the task's general recipe with it, unless --config names one."""
+    command, task = args.command, args.task
+    require(command, "yaml", *DENSE_NEEDS[task])
+    demo = not hasattr(args, "data")
+    if not args.config:
+        args.config = DENSE_RECIPES[task][0 if demo else 1]
+    args.config = recipe_path(args.config)
+    if not hasattr(args, "output"):
+        args.output = f"runs/{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = config_from_args(args, task=command)
+    if demo and cfg.data is None:
+        print(f"no --data: training on the bundled {task} demo (scikit-learn digits pasted on scikit-image "
+              f"textures) with {args.config}")
+    return _run_dense(command, cfg, demo=cfg.data is None)
+
+
+def _run_dense(command: str, cfg: TrainConfig, demo: bool) -> int:
+    require(command, "yaml", *DENSE_NEEDS[cfg.task])
+    if demo:
+        require(command, "sklearn", "skimage", reason=DEMO)
+    if cfg.sharding == "deepspeed":
+        raise ValueError(f"--task {cfg.task}: --sharding deepspeed is for classification; use fsdp or zero1")
+    check_run(cfg)
+    return dense_train.main(cfg)
+
+
 def cmd_eval(args) -> int:
     check_device(args.device)
+    dense = args.task in DENSE_TASKS or (args.checkpoint is not None and dense_task_of(args.checkpoint))
+    if dense:
+        return _eval_dense(args)
+    if args.task not in (None, "classification"):
+        raise ValueError(f"--task {args.task} needs --checkpoint of a {args.task} run")
     if args.data is None:
         require("eval", "sklearn", reason=DIGITS)
     if args.threads:
@@ -144,4 +192,30 @@ def cmd_eval(args) -> int:
     print(f"top-1 {result['top1'] * 100:.2f}%  top-5 {result['top5'] * 100:.2f}%  loss {result['loss']:.4f}  "
           f"on {result['images']} images at {result['img_size']}px ({result['crop_mode']} crop "
           f"{result['crop_pct']}, window {result['window']}){skipped}")
+    return 0
+
+
+def _eval_dense(args) -> int:
+    if args.checkpoint is None:
+        raise ValueError("eval of a detection or segmentation model needs --checkpoint (a run's model-*.safetensors "
+                         "or checkpoint-*.pt)")
+    task = args.task or dense_task_of(args.checkpoint)
+    require("eval", *DENSE_NEEDS[task])
+    if args.data is None:
+        require("eval", "sklearn", "skimage", reason=DEMO)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = dense_infer.evaluate_dense(args.checkpoint, args.data, task=args.task, img_size=args.img_size,
+                                        window=args.window, batch_size=min(args.batch_size, 8),
+                                        workers=args.workers, amp=args.amp, device=args.device)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    if task == "detection":
+        head = (f"box AP {result['bbox_AP'] * 100:.1f} (AP50 {result['bbox_AP50'] * 100:.1f})  "
+                f"mask AP {result['segm_AP'] * 100:.1f} (AP50 {result['segm_AP50'] * 100:.1f})")
+    else:
+        head = f"mIoU {result['mIoU'] * 100:.2f}%  mAcc {result['mAcc'] * 100:.2f}%  aAcc {result['aAcc'] * 100:.2f}%"
+    skipped = f"; {result['skipped_images']} unreadable images skipped" if result.get("skipped_images") else ""
+    print(f"{head}  on {result['images']} images (window {result['window']}){skipped}")
     return 0

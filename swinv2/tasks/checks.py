@@ -22,7 +22,7 @@ def check_run(cfg: TrainConfig) -> None:
                                             "scaling)", cfg.amp))
     if amp == "bf16" and device.type == "cuda" and not _cuda_bf16(device):
         raise blame(cfg, ConfigError("amp", f"must be fp16 or none on {device} (it has no bf16)", cfg.amp))
-    if cfg.task != "pretrain":
+    if cfg.command != "pretrain" and cfg.task == "classification":
         try:
             check_auto_augment(cfg.auto_augment)
         except ConfigError as err:

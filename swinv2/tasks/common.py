@@ -209,7 +209,7 @@ def prepare_run(cfg: TrainConfig, env: Dist) -> tuple[TrainConfig, dict | None]:
         if given is None:
             defaults = TrainConfig()
             given = {k for k in runtime if getattr(cfg, k) != getattr(defaults, k)}
-        ignored = sorted(k for k in given if k not in runtime and k not in ("resume", "output", "task", "config")
+        ignored = sorted(k for k in given if k not in runtime and k not in ("resume", "output", "command", "config")
                          and getattr(cfg, k) != getattr(saved, k))
         if ignored and env.main:
             print(f"note: --resume continues the saved recipe; ignoring {ignored} (start a new run to change them)")

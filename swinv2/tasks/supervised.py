@@ -55,7 +55,7 @@ def build_classifier(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, str
     """The model to train, and for ``finetune`` the load report of its starting weights."""
     overrides = model_overrides(cfg, num_classes=num_classes)
     report = None
-    if cfg.task == "finetune":
+    if cfg.command == "finetune":
         weights = read_weights(cfg.checkpoint, arch=cfg.model)  # a training checkpoint gives its 'model'
         windows = cfg.pretrained_windows or checkpoint_windows(weights)
         if windows is not None:
@@ -184,10 +184,10 @@ def _run(cfg: TrainConfig, env: Dist) -> int:
     optimizer = make_optimizer(wrapped, model, cfg)
     loop = make_loop(cfg, env, train, val, classes, model.img_size[0])
     n = sum(p.numel() for p in model.parameters())
-    intro = (f"{cfg.task} {cfg.model} ({n / 1e6:.2f}M parameters) on {len(train)} images, {len(classes)} classes, "
+    intro = (f"{cfg.command} {cfg.model} ({n / 1e6:.2f}M parameters) on {len(train)} images, {len(classes)} classes, "
              f"validating on {len(val)}")
     return run_loop(cfg, env, wrapped, optimizer, loop, state, intro, ema=ema, summary=lambda final: dict(
-        task=cfg.task, model=cfg.model, updates=final.step, best_top1=final.best, best_epoch=final.best_epoch,
+        task=cfg.command, model=cfg.model, updates=final.step, best_top1=final.best, best_epoch=final.best_epoch,
         skipped_images=final.skipped_images, last=final.history[-1] if final.history else None,
         output=cfg.output))
 

@@ -17,9 +17,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 AMP_MODES = ("auto", "bf16", "fp16", "none")
-SCHEDULERS = ("cosine", "multistep", "constant")
+SCHEDULERS = ("cosine", "multistep", "constant", "poly")
 SHARDING = ("none", "zero1", "fsdp", "deepspeed")
-TASKS = ("train", "finetune", "pretrain")
+COMMANDS = ("train", "finetune", "pretrain")
+# What the network predicts. Dense tasks train a SwinV2 backbone inside torchvision's Mask R-CNN
+# (detection: boxes and instance masks) or inside UPerNet (segmentation: a class per pixel).
+TASKS = ("classification", "detection", "segmentation")
+DENSE_TASKS = ("detection", "segmentation")
+SEG_EVAL_MODES = ("whole", "slide")
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 # The largest image side (and window) any command accepts. The paper's largest input is 1536 px
 # (SwinV2-G); at 8192 px one image's first-stage activations already take gigabytes, and a slip
@@ -62,8 +67,10 @@ class TrainConfig:
     """Everything a supervised run, a fine-tune or a SimMIM pre-training needs."""
 
     # -- model ----------------------------------------------------------------------------
-    task: str = _f("model", "train", "train (from scratch), finetune (from --checkpoint) or pretrain (SimMIM)",
-                   choices=TASKS)
+    command: str = _f("model", "train", "train (from scratch), finetune (from --checkpoint) or pretrain (SimMIM)",
+                      choices=COMMANDS)
+    task: str = _f("model", "classification", "classification, detection (Mask R-CNN with FPN, COCO layout) or "
+                                              "segmentation (UPerNet, ADE20K layout)", choices=TASKS)
     model: str = _f("model", "swinv2_debug", "variant name (see `swinv2 list`)")
     img_size: int | None = _f("model", None, "training resolution (default: the variant's)", ge=1, le=MAX_IMG_SIZE)
     window: int | None = _f("model", None, "window size (default: the variant's)", ge=1, le=MAX_IMG_SIZE)
@@ -77,6 +84,19 @@ class TrainConfig:
     sequential_attention: list[int] | None = _f(
         "model", None, "stages whose window attention runs in chunks of windows (memory; paper: 0 1 at 1536px)", ge=0
     )
+    frozen_stages: int = _f("model", -1, "dense tasks: freeze the patch embedding (0) and the first N stages (N); "
+                                         "-1 freezes nothing", ge=-1)
+    eval_window: int | None = _f("model", None, "dense tasks: window for validation, e.g. 32 after training at 16 "
+                                                "(test-time window enlargement, Table 1); default: --window",
+                                 ge=1, le=MAX_IMG_SIZE)
+    fpn_channels: int = _f("model", 256, "detection: width of the FPN and the mask head (256 as the paper's "
+                                         "detectors)", ge=1)
+    box_samples: int = _f("model", 512, "detection: regions sampled per image for the box head in training (512 "
+                                        "as the paper's detectors)", ge=1)
+    decoder_channels: int = _f("model", 512, "segmentation: width of UPerNet's decoder (512 as the paper's); the "
+                                             "auxiliary head gets half", ge=2)
+    aux_weight: float = _f("model", 0.4, "segmentation: loss weight of the auxiliary FCN head on stage 3 (0: no "
+                                         "auxiliary head)", ge=0)
     # -- data -----------------------------------------------------------------------------
     data: str | None = _f("data", None, "image folder (class subfolders, or train/ and val/); default: bundled "
                                         "digits")
@@ -98,6 +118,25 @@ class TrainConfig:
     mask_patch: int = _f("data", 32, "pretrain: mask patch size in pixels", ge=1, le=MAX_IMG_SIZE)
     norm_target_window: int | None = _f("data", 47, "pretrain: local target normalisation window, odd (None: off)",
                                         ge=3, le=MAX_IMG_SIZE)
+    short_sides: list[int] | None = _f(
+        "data", None, "detection: training short sides, one drawn per batch (multi-scale); default 480 512 ... 800, "
+                      "or --img-size", ge=1, le=MAX_IMG_SIZE)
+    max_side: int | None = _f("data", None, "detection: cap on the long side (default 1333, or --img-size x 5/3)",
+                              ge=1, le=MAX_IMG_SIZE)
+    test_short_side: int | None = _f("data", None, "detection: evaluation short side (default 800, or --img-size)",
+                                     ge=1, le=MAX_IMG_SIZE)
+    crop_size: int | None = _f("data", None, "segmentation: training crop side (default 512, or --img-size)", ge=1,
+                               le=MAX_IMG_SIZE)
+    base_size: int | None = _f("data", None, "segmentation: short side images are rescaled to, keeping their aspect "
+                                             "with the long side at most 4x (default: the crop side)",
+                               ge=1, le=MAX_IMG_SIZE)
+    ratio_range: list[float] = _f("data", (0.5, 2.0), "segmentation: training rescale range of --base-size (two "
+                                                      "values)", gt=0)
+    eval_mode: str = _f("data", "whole", "segmentation validation: whole images, or slide (crops of --crop-size, "
+                                         "2/3 overlap)", choices=SEG_EVAL_MODES)
+    eval_scales: list[float] = _f("data", (1.0,), "segmentation validation scales of --base-size (several: "
+                                                  "multi-scale testing)", gt=0)
+    eval_flip: bool = _f("data", False, "segmentation validation: also the flipped images (flip testing)")
     # -- optimisation ---------------------------------------------------------------------
     batch_size: int = _f("optimisation", 128, "images per process per forward", ge=1)
     accum_steps: int = _f("optimisation", 1, "gradient accumulation: forwards per optimizer update", ge=1)
@@ -119,7 +158,8 @@ class TrainConfig:
     warmup_epochs: float = _f("schedule", 20, "linear warmup length in epochs (stepped per update)", ge=0)
     warmup_lr: float = _f("schedule", 5e-7, "learning rate at step 0, per 512 images", ge=0)
     min_lr: float = _f("schedule", 5e-6, "final learning rate of the cosine, per 512 images", ge=0)
-    scheduler: str = _f("schedule", "cosine", "cosine, multistep or constant (after warmup)", choices=SCHEDULERS)
+    scheduler: str = _f("schedule", "cosine", "cosine, multistep, constant or poly (linear decay to --min-lr, "
+                                              "mmseg's poly with power 1) after warmup", choices=SCHEDULERS)
     milestones: list[float] = _f("schedule", (), "multistep: epochs at which the learning rate is multiplied by "
                                                  "gamma", ge=0)
     gamma: float = _f("schedule", 0.1, "multistep: decay factor", gt=0)
@@ -158,6 +198,14 @@ class TrainConfig:
         converting what a recipe may spell loosely: ``5e-4`` (which YAML reads as a string), ``300.0``."""
         for f in fields(self):
             setattr(self, f.name, _checked(f, getattr(self, f.name)))
+        if len(self.ratio_range) != 2 or self.ratio_range[0] > self.ratio_range[1]:
+            raise ConfigError("ratio_range", "needs two values, low <= high", list(self.ratio_range))
+        if not self.eval_scales:
+            raise ConfigError("eval_scales", "needs at least one scale", list(self.eval_scales))
+        if self.short_sides is not None and not self.short_sides:
+            raise ConfigError("short_sides", "needs at least one side", list(self.short_sides))
+        if self.command == "pretrain" and self.task != "classification":
+            raise ValueError(f"pretrain (SimMIM) trains the backbone alone: --task {self.task} does not apply")
         if len(self.betas) != 2:
             raise ConfigError("betas", "needs two values", list(self.betas))
         if self.norm_target_window is not None and self.norm_target_window % 2 == 0:
@@ -168,7 +216,7 @@ class TrainConfig:
         if not self.output:
             raise ConfigError("output", "must name a folder", self.output)
         _check_device_name(self.device)
-        if self.task == "finetune" and not self.checkpoint:
+        if self.command == "finetune" and not self.checkpoint:
             raise ValueError("finetune needs --checkpoint (the weights to start from)")
         if self.sharding == "deepspeed" and self.amp == "fp16":
             raise ValueError("--sharding deepspeed: use --amp auto, bf16 or none (fp16 loss scaling is not wired "
@@ -183,6 +231,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
+        values = _legacy(values)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -197,20 +246,20 @@ class TrainConfig:
         return _from_recipe(path, recipe, {**recipe, **overrides}, set(recipe) - set(overrides))
 
     @classmethod
-    def from_flags(cls, flags: dict, recipe: str | os.PathLike | None = None, task: str | None = None
+    def from_flags(cls, flags: dict, recipe: str | os.PathLike | None = None, command: str | None = None
                    ) -> TrainConfig:
         """A command line's config: the ``recipe`` file's values, the fields typed as ``flags``
-        over them, and ``task``. A bad value is named as its flag, or as the recipe's field when
+        over them, and ``command`` (the subcommand). A bad value is named as its flag, or as the recipe's field when
         it came from the recipe. A supervised recipe also serves fine-tuning; SimMIM and
         supervised recipes do not mix."""
         values = read_recipe(recipe) if recipe else {}
-        recipe_task = {**values, **flags}.get("task", task)
-        if recipe_task is not None and recipe_task not in TASKS:
-            raise ConfigError("task", f"must be one of {', '.join(TASKS)}", recipe_task).in_recipe(recipe)
-        if task and recipe_task != task and not (recipe_task == "train" and task == "finetune"):
-            raise ValueError(f"{recipe} is a {recipe_task} recipe: run it with "
-                             f"`swinv2 {recipe_task} --config {recipe}`")
-        fixed = {"task": task} if task else {}
+        recipe_command = {**values, **flags}.get("command", command)
+        if recipe_command is not None and recipe_command not in COMMANDS:
+            raise ConfigError("command", f"must be one of {', '.join(COMMANDS)}", recipe_command).in_recipe(recipe)
+        if command and recipe_command != command and not (recipe_command == "train" and command == "finetune"):
+            raise ValueError(f"{recipe} is a {recipe_command} recipe: run it with "
+                             f"`swinv2 {recipe_command} --config {recipe}`")
+        fixed = {"command": command} if command else {}
         cfg = _from_recipe(recipe, values, {**values, **flags, **fixed}, set(values) - set(flags) - set(fixed))
         cfg.given_flags = frozenset(flags)
         cfg.recipe_file = os.fspath(recipe) if values else None
@@ -232,6 +281,15 @@ def _from_recipe(path, recipe: dict, values: dict, from_recipe: set) -> TrainCon
         if err.name in from_recipe:
             raise err.in_recipe(path) from None
         raise
+
+
+def _legacy(values: dict) -> dict:
+    """Configs written before dense tasks existed named the subcommand ``task``; read them as
+    ``command`` (the task was then always classification)."""
+    if "command" not in values and values.get("task") in COMMANDS:
+        values = {**values, "command": values["task"]}
+        del values["task"]
+    return values
 
 
 def plain(value):
@@ -339,7 +397,7 @@ def read_recipe(path: str | os.PathLike) -> dict:
     if not isinstance(values, dict):
         raise ValueError(f"recipe {path} must be a mapping of field: value")
     values.pop("about", None)
-    return values
+    return _legacy(values)
 
 
 def write_config(cfg: TrainConfig, path: str | os.PathLike) -> None:

@@ -397,7 +397,14 @@ def _read_step(path: Path) -> int | None:
 
 
 def _batch_size(inputs) -> int:
-    return int(inputs[0].shape[0]) if inputs and hasattr(inputs[0], "shape") else 0
+    """Images in a micro-batch: a stacked tensor's first dimension, or the length of a list of
+    images (detection batches keep each image at its own size)."""
+    if not inputs:
+        return 0
+    first = inputs[0]
+    if isinstance(first, (list, tuple)):
+        return len(first)
+    return int(first.shape[0]) if hasattr(first, "shape") else 0
 
 
 def _progress(enabled: bool, start: int, total: int, desc: str):

@@ -60,7 +60,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 class Schedule:
     """Learning rate per optimizer update: linear warmup from ``warmup_lr`` to ``peak``, then
     cosine to ``min_lr`` (official ``WARMUP_PREFIX=True``: the cosine starts after warmup),
-    or step decays at ``milestones`` (updates), or constant."""
+    or linearly to ``min_lr`` (``poly``, mmseg's polynomial decay with power 1, the dense
+    recipes' schedule), or step decays at ``milestones`` (updates), or constant."""
 
     peak: float
     warmup_lr: float
@@ -96,6 +97,8 @@ class Schedule:
             return self.peak * self.gamma ** sum(step >= m for m in self.milestones)
         span = max(1, self.total_steps - self.warmup_steps)
         t = min(step - self.warmup_steps, span)
+        if self.kind == "poly":
+            return self.min_lr + (self.peak - self.min_lr) * (1 - t / span)
         return self.min_lr + 0.5 * (self.peak - self.min_lr) * (1 + math.cos(math.pi * t / span))
 
 
