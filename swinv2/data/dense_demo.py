@@ -13,9 +13,10 @@ training ones.
   segmentations in turn (a polygon only where it reproduces the digit closely; the painted
   pixels are then the polygon's own), and in validation crowd regions (clusters of small
   digits of one class, as uncompressed RLE with ``iscrowd=1``).
-* :func:`build_segmentation_demo` writes the ADE20K layout: label 1 is the background,
-  2..11 are the digits 0..9 and 0 (ignored after ``reduce_zero_label``) a one-pixel ring round
-  each digit, where a resized image blends digit and background.
+* :func:`build_segmentation_demo` writes the ADE20K layout, stuff and things: each image is two
+  regions of different textures split by a random line (labels 1..8, one per texture) with the
+  digits on top (label 9, "digit"); 0 (ignored after ``reduce_zero_label``) is a one-pixel ring
+  round each digit, where a resized image blends digit and background.
 
 Both are pure functions of their arguments (the same bytes for the same seed) and are kept in
 a cache folder keyed by them.
@@ -53,7 +54,7 @@ def _require() -> None:
         raise ModuleNotFoundError(f"the bundled demo images need {package}: pip install 'swinv2[dense]'",
                                   name=_MISSING)
 
-FORMAT_VERSION = 1  # raise when the images or annotations change: older cached sets are then rebuilt
+FORMAT_VERSION = 2  # raise when the images or annotations change: older cached sets are then rebuilt
 _TEXTURES = ("grass", "gravel", "brick", "camera", "coffee", "astronaut", "immunohistochemistry", "chelsea")
 _MARKER = "demo.json"
 _MIN_CONTRAST = 96  # luminance difference (0..255) between a digit and the mean background under it
@@ -72,8 +73,9 @@ def build_detection_demo(root: str | os.PathLike | None = None, *, image_size: i
 
 def build_segmentation_demo(root: str | os.PathLike | None = None, *, image_size: int = 128,
                             train_images: int = 240, val_images: int = 60, seed: int = 0) -> Path:
-    """The ADE20K-layout digit set at ``root`` or in the cache folder; returns its folder.
-    ``classes.txt`` names the labels after ``reduce_zero_label``: "background", "0".."9"."""
+    """The ADE20K-layout set (texture regions and digits) at ``root`` or in the cache folder;
+    returns its folder. ``classes.txt`` names the labels after ``reduce_zero_label``: the eight
+    textures, then "digit"."""
     _require()
     params = _check(image_size, train_images, val_images, seed)
     return _build("ade-digits", root, params, _write_ade)
@@ -160,7 +162,13 @@ def _write_coco(folder: Path, params: dict) -> None:
 
 
 def _write_ade(folder: Path, params: dict) -> None:
-    (folder / "classes.txt").write_text("\n".join(["background", *(str(d) for d in range(10))]) + "\n")
+    # Stuff and things, as in ADE20K: each image is two regions of different textures split by a
+    # random line (a class per texture), with digits pasted on top (one class, "digit"). Texture
+    # is told by local appearance, which a network trained from scratch learns in minutes; the
+    # ten digit classes are left to the detection demo, where whole objects are classified.
+    names = [*_TEXTURES, "digit"]
+    (folder / "classes.txt").write_text("\n".join(names) + "\n")
+    digit_label = len(names)  # labels in the files are 1..N (0: ignored), as ADE20K's
     for split, count in (("training", params["train_images"]), ("validation", params["val_images"])):
         images, labels = folder / "images" / split, folder / "annotations" / split
         images.mkdir(parents=True)
@@ -168,14 +176,29 @@ def _write_ade(folder: Path, params: dict) -> None:
         rng = np.random.default_rng([params["seed"], 0 if split == "training" else 1])
         sources = _Sources("train" if split == "training" else "val")
         for i in range(count):
-            pixels, objects = _scene(rng, sources, params["image_size"], shape=_plain_mask, crowd=False)
-            label = np.ones(pixels.shape[:2], dtype=np.uint8)  # (H, W): 1 = background
-            for digit, mask, _, _ in objects:
+            ground, label = _two_textures(rng, sources, params["image_size"])
+            pixels, objects = _scene(rng, sources, params["image_size"], shape=_plain_mask, crowd=False,
+                                     ground=ground)
+            for _, mask, _, _ in objects:
                 label[_dilate(mask, 1) & ~mask] = 0  # the blended edge: ignored
-                label[mask] = digit + 2
+                label[mask] = digit_label
             stem = f"demo_{split}_{i + 1:08d}"
             Image.fromarray(pixels).save(images / f"{stem}.png", format="PNG", compress_level=1)
             Image.fromarray(label).save(labels / f"{stem}.png", format="PNG")
+
+
+def _two_textures(rng: np.random.Generator, sources: _Sources, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels uint8 (size, size, 3), labels uint8 (size, size)): two different textures on either
+    side of a random line through the middle half of the image; labels 1 + texture index."""
+    first, second = (int(k) for k in rng.choice(len(sources.textures), size=2, replace=False))
+    angle = rng.uniform(0, np.pi)
+    centre = rng.uniform(size * 0.25, size * 0.75, size=2)
+    rows, cols = np.mgrid[0:size, 0:size]
+    side = (cols - centre[0]) * np.cos(angle) + (rows - centre[1]) * np.sin(angle) > 0  # (size, size)
+    pixels = np.where(side[..., None], _texture_crop(rng, sources, size, second),
+                      _texture_crop(rng, sources, size, first))
+    labels = np.where(side, second + 1, first + 1).astype(np.uint8)
+    return pixels, labels
 
 
 class _Sources:
@@ -193,9 +216,11 @@ class _Sources:
         self.targets = digits.target[keep]
 
 
-def _scene(rng: np.random.Generator, sources: _Sources, size: int, *, shape: Callable, crowd: bool):
-    """(image uint8 (size, size, 3), [(digit, mask bool (size, size), segmentation, is_crowd)])."""
-    pixels = _background(rng, sources, size)
+def _scene(rng: np.random.Generator, sources: _Sources, size: int, *, shape: Callable, crowd: bool,
+           ground: np.ndarray | None = None):
+    """(image uint8 (size, size, 3), [(digit, mask bool (size, size), segmentation, is_crowd)]):
+    digits pasted on ``ground`` (default: a crop of one random texture)."""
+    pixels = _background(rng, sources, size) if ground is None else ground.copy()
     occupied = np.zeros((size, size), dtype=bool)
     objects = []
     kinds = (["crowd"] if crowd else []) + ["digit"] * int(rng.integers(0, 5))
@@ -222,7 +247,12 @@ def _scene(rng: np.random.Generator, sources: _Sources, size: int, *, shape: Cal
 
 
 def _background(rng: np.random.Generator, sources: _Sources, size: int) -> np.ndarray:
-    texture, grey = sources.textures[int(rng.integers(len(sources.textures)))]
+    return _texture_crop(rng, sources, size, int(rng.integers(len(sources.textures))))
+
+
+def _texture_crop(rng: np.random.Generator, sources: _Sources, size: int, k: int) -> np.ndarray:
+    """A random square crop of texture ``k``, resized to (size, size, 3) uint8 (grey ones tinted)."""
+    texture, grey = sources.textures[k]
     smallest = min(texture.shape[:2])
     side = int(rng.integers(min(size, smallest), smallest + 1))
     top, left = int(rng.integers(0, texture.shape[0] - side + 1)), int(rng.integers(0, texture.shape[1] - side + 1))
