@@ -116,8 +116,10 @@ def test_predict_writes_pictures_and_json(task, roots, runs, tmp_path, capsys):
     for record in saved["images"]:
         with Image.open(out / record["picture"]) as picture:
             source = Image.open(record["image"])
-            width = source.width * (1 if task == "detection" else 2)  # segmentation: image | classes
-            assert picture.size == (width, source.height)
+            if task == "detection":
+                assert picture.size == source.size
+            else:  # the image beside its classes, a legend strip below
+                assert picture.width == 2 * source.width and picture.height > source.height
         if task == "segmentation":
             with Image.open(out / record["labels"]) as labels:
                 assert labels.size == source.size

@@ -122,9 +122,9 @@ def draw_segmentation(image: Tensor, labels: Tensor, class_names: list[str], ign
                       alpha: float = 0.6, legend: bool = True) -> Tensor:
     """The image (left) beside the label map blended over it (right): uint8 (3, H, 2W).
 
-    Pixels labelled ``ignore_index`` stay as in the image. With ``legend``, the names of the classes
-    present are written in their colours on a black box in the right half's top-left corner, most
-    frequent first (as many as fit).
+    Pixels labelled ``ignore_index`` stay as in the image. With ``legend``, a black strip below
+    both names the classes present in their colours, most frequent first: (3, H + strip, 2W). The
+    strip hides nothing of the picture, which matters for small images.
     """
     image = _check_image(image)
     labels = _check_labels(labels, image.shape[-2:], len(class_names), ignore_index)
@@ -134,10 +134,12 @@ def draw_segmentation(image: Tensor, labels: Tensor, class_names: list[str], ign
     if len(present):
         masks = labels[None] == present[:, None, None]  # (P, H, W): one disjoint mask per class present
         right = draw_segmentation_masks(image, masks, alpha=alpha, colors=[_colour(colours, c) for c in present])
+    pair = torch.cat([image, right], dim=2)  # (3, H, W) x 2 -> (3, H, 2W)
     if legend and len(present):
         by_frequency = present[counts.argsort(descending=True, stable=True)].tolist()
-        right = _draw_legend(right, [(class_names[c], _colour(colours, c)) for c in by_frequency])
-    return torch.cat([image, right], dim=2)  # (3, H, W) x 2 -> (3, H, 2W)
+        pair = torch.cat([pair, _legend_strip(pair.shape[-1], [(class_names[c], _colour(colours, c))
+                                                               for c in by_frequency])], dim=1)
+    return pair
 
 
 def _check_labels(labels: Tensor, size, num_classes: int, ignore_index: int) -> Tensor:
@@ -155,21 +157,24 @@ def _check_labels(labels: Tensor, size, num_classes: int, ignore_index: int) -> 
     return labels
 
 
-def _draw_legend(image: Tensor, entries: list[tuple[str, tuple[int, int, int]]]) -> Tensor:
-    """``entries`` (name, colour) written top-down on a black box in the top-left corner."""
-    canvas = Image.fromarray(image.permute(1, 2, 0).numpy())
+def _legend_strip(width: int, entries: list[tuple[str, tuple[int, int, int]]]) -> Tensor:
+    """A black strip (3, h, width) with ``entries`` (name, colour) written left to right, wrapping."""
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line = max(measure.textbbox((0, 0), "Ag", font=font)[3], 1) + 2
+    places, x, y = [], 3, 2
+    for name, colour in entries:
+        size = int(measure.textlength(name, font=font)) + 16  # unhinted glyphs run a little past the measure
+        if x > 3 and x + size > width:  # wrap to the next line
+            x, y = 3, y + line
+        places.append((x, y, name, colour))
+        x += size
+    canvas = Image.new("RGB", (width, y + line + 2), (0, 0, 0))
     draw = ImageDraw.Draw(canvas)
     draw.fontmode = "1"  # no anti-aliasing: each name is drawn in exactly its class's colour
-    font = ImageFont.load_default()
-    line = max(draw.textbbox((0, 0), "Ag", font=font)[3], 1) + 2
-    rows = max(0, min(len(entries), (canvas.height - 4) // line))
-    if rows == 0:
-        return image
-    width = max(draw.textlength(name, font=font) for name, _ in entries[:rows])
-    draw.rectangle((0, 0, min(canvas.width - 1, int(width) + 5), rows * line + 3), fill=(0, 0, 0))
-    for k, (name, colour) in enumerate(entries[:rows]):
-        draw.text((3, 2 + k * line), name, fill=colour, font=font)
-    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+    for x, y, name, colour in places:
+        draw.text((x, y), name, fill=colour, font=font)
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)  # (h, width, 3) -> (3, h, width)
 
 
 def save_png(image: Tensor, path: str | os.PathLike) -> None:
