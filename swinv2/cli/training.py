@@ -156,8 +156,9 @@ def _dense_task(args) -> int:
         args.output = f"runs/{task}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = config_from_args(args, task=command)
     if demo and cfg.data is None:
-        print(f"no --data: training on the bundled {task} demo (scikit-learn digits pasted on scikit-image "
-              f"textures) with {args.config}")
+        what = ("scikit-learn digits pasted on scikit-image pictures" if task == "detection" else
+                "regions of scikit-image textures with scikit-learn digits on top")
+        print(f"no --data: training on the bundled {task} demo ({what}) with {args.config}")
     return _run_dense(command, cfg, demo=cfg.data is None)
 
 

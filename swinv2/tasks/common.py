@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .. import fileio
 from ..hub import save_pretrained
 from ..model import SwinTransformerV2
 from ..train import checkpoint as ckpt
 from ..train.config import TrainConfig, write_config
-from ..train.distributed import Dist, all_reduce_sum, unwrap
+from ..train.distributed import Dist, all_reduce_sum, setup, teardown, unwrap
 from ..train.engine import NonFiniteLossError, Trainer, autocast
 from ..train.logging import RunLogger
 from ..train.precision import describe_amp
@@ -285,6 +286,24 @@ def run_loop(cfg: TrainConfig, env: Dist, wrapped: nn.Module, optimizer, loop, s
             logger.close()
         if folder is not None:
             folder.close(keep=done)
+
+
+def in_process_group(run, cfg: TrainConfig) -> int:
+    """``run(cfg, env)`` inside the run's process group (one process, or torchrun's), which is
+    torn down whatever happens."""
+    env = setup(cfg.device)
+    try:
+        return run(cfg, env)
+    finally:
+        teardown()
+
+
+def make_ema(model: nn.Module, decay: float):
+    """The exponential moving average of ``model``'s weights (and buffers) that ``--ema`` keeps
+    and evaluates alongside, or None when ``decay`` is 0."""
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def set_threads(cfg: TrainConfig) -> None:

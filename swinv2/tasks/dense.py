@@ -24,14 +24,13 @@ from ..dense.backbone import SwinV2Backbone
 from ..dense.detection import Detector
 from ..dense.segmentation import Segmenter
 from ..files import CheckpointError, is_safetensors, read_safetensors_metadata
-from ..loading import StateDictMismatchError, load_pretrained
+from ..loading import StateDictMismatchError
 from ..model import SwinTransformerV2
-from ..reading import read_weights
 from ..train import checkpoint as ckpt
 from ..train.config import DENSE_TASKS, TrainConfig
 from ..variants import apply_speedups, create_model, get_variant
 from .common import model_overrides
-from .supervised import checkpoint_windows
+from .supervised import network_from_checkpoint
 
 DENSE_FORMAT = "swinv2-dense"  # metadata "format" of a dense model file
 DEFAULT_SHORT_SIDES = tuple(range(480, 801, 32))  # the recipe's multi-scale training (480..800)
@@ -73,12 +72,7 @@ def build_backbone(cfg: TrainConfig) -> tuple[SwinV2Backbone, str | None]:
     overrides = model_overrides(cfg, num_classes=0)
     report = None
     if cfg.checkpoint:
-        weights = read_weights(cfg.checkpoint, arch=cfg.model)
-        windows = cfg.pretrained_windows or checkpoint_windows(weights)
-        if windows is not None:
-            overrides["pretrained_window_sizes"] = list(windows)
-        network = create_model(cfg.model, **overrides)
-        report = str(load_pretrained(network, weights, head="drop"))
+        network, report = network_from_checkpoint(cfg, overrides, head="drop")
     else:
         get_variant(cfg.model)  # a clear error for an unknown name before any data work
         if cfg.pretrained_windows:
@@ -216,3 +210,13 @@ def same_buffers_everywhere(model: nn.Module) -> None:
     if dist.is_available() and dist.is_initialized():
         for buffer in model.buffers():
             dist.broadcast(buffer.data, src=0)
+
+
+def epoch_batches(loader):
+    """The loop's ``loader_for``: this process's batches of an epoch from ``start_batch`` on."""
+
+    def loader_for(epoch: int, start_batch: int):
+        loader.sampler.set_epoch(epoch, start_batch)
+        return iter(loader)
+
+    return loader_for

@@ -11,19 +11,15 @@ import torch
 from torch import nn
 
 from ..train.config import TrainConfig
-from ..train.distributed import Dist, setup, teardown, wrap_model
+from ..train.distributed import Dist, wrap_model
 from . import detection, segmentation
-from .common import prepare_run, run_loop, set_threads
+from .common import in_process_group, make_ema, prepare_run, run_loop, set_threads
 from .dense import build_backbone, build_head, dense_saver, detection_sizes, segmentation_sizes
 from .supervised import make_optimizer
 
 
 def main(cfg: TrainConfig) -> int:
-    env = setup(cfg.device)
-    try:
-        return _run(cfg, env)
-    finally:
-        teardown()
+    return in_process_group(_run, cfg)
 
 
 def _run(cfg: TrainConfig, env: Dist) -> int:
@@ -44,11 +40,7 @@ def _run(cfg: TrainConfig, env: Dist) -> int:
         # UPerNet's BatchNorms see a few crops per GPU: statistics over every process's batch,
         # as the paper's setup (SyncBN). PyTorch synchronises them on CUDA only.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ema = None
-    if cfg.ema:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    ema = make_ema(model, cfg.ema)
     wrapped = wrap_model(model, env, cfg.sharding)
     if cfg.compile:
         wrapped = torch.compile(wrapped)

@@ -28,7 +28,7 @@ from ..dense.metrics import DetectionMetric
 from ..train.config import TrainConfig
 from ..train.distributed import Dist, all_reduce_sum, unwrap
 from ..train.engine import Loop, autocast
-from .dense import detection_sizes, same_buffers_everywhere, to_device_targets
+from .dense import detection_sizes, epoch_batches, same_buffers_everywhere, to_device_targets
 
 SELECT = ("bbox_AP", True)
 
@@ -58,13 +58,9 @@ def make_loop(cfg: TrainConfig, env: Dist, train, val, classes: list[str], categ
         losses = model(images, to_device_targets(targets, env.device))  # RPN, box, class and mask losses
         return sum(losses.values()), len(images)
 
-    def loader_for(epoch, start_batch):
-        loader.sampler.set_epoch(epoch, start_batch)
-        return iter(loader)
-
     return Loop(
         objective=objective,
-        loader_for=loader_for,
+        loader_for=epoch_batches(loader),
         batches_per_epoch=len(loader),
         evaluate=lambda model: evaluate(model, val_loader, env, cfg, test_side),
         select=SELECT,

@@ -16,10 +16,10 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, simmi
 from ..reconstruct import save_reconstruction_grid
 from ..simmim import MaskGenerator, SimMIM
 from ..train.config import TrainConfig
-from ..train.distributed import Dist, all_reduce_sum, setup, teardown, unwrap, wrap_model
+from ..train.distributed import Dist, all_reduce_sum, unwrap, wrap_model
 from ..train.engine import Loop, autocast
 from ..variants import create_model
-from .common import model_overrides, prepare_run, run_loop, set_threads
+from .common import in_process_group, model_overrides, prepare_run, run_loop, set_threads
 from .supervised import eval_loader, load_datasets, make_optimizer, require_images
 
 PICTURE_IMAGES = 8
@@ -52,11 +52,7 @@ def _first_readable(dataset, count: int) -> torch.Tensor | None:
 
 
 def main(cfg: TrainConfig) -> int:
-    env = setup(cfg.device)
-    try:
-        return _run(cfg, env)
-    finally:
-        teardown()
+    return in_process_group(_run, cfg)
 
 
 def _run(cfg: TrainConfig, env: Dist) -> int:

@@ -30,7 +30,7 @@ from ..dense.segmentation import multiscale_inference
 from ..train.config import TrainConfig
 from ..train.distributed import Dist, all_reduce_sum, unwrap
 from ..train.engine import Loop, autocast
-from .dense import same_buffers_everywhere, segmentation_sizes
+from .dense import epoch_batches, same_buffers_everywhere, segmentation_sizes
 
 SELECT = ("mIoU", True)
 IGNORE = 255
@@ -59,13 +59,9 @@ def make_loop(cfg: TrainConfig, env: Dist, train, val, classes: list[str]) -> Lo
         images, masks = (t.to(env.device, non_blocking=True) for t in inputs)
         return unwrap_loss(model, images, masks), images.shape[0]
 
-    def loader_for(epoch, start_batch):
-        loader.sampler.set_epoch(epoch, start_batch)
-        return iter(loader)
-
     return Loop(
         objective=objective,
-        loader_for=loader_for,
+        loader_for=epoch_batches(loader),
         batches_per_epoch=len(loader),
         evaluate=lambda model: scalars(evaluate(model, val_loader, env, cfg, len(classes))),
         select=SELECT,

@@ -20,11 +20,20 @@ from ..loading import load_pretrained
 from ..model import SwinTransformerV2
 from ..reading import read_weights
 from ..train.config import TrainConfig
-from ..train.distributed import Dist, setup, teardown, unwrap, wrap_model
+from ..train.distributed import Dist, unwrap, wrap_model
 from ..train.engine import Loop
 from ..train.optim import build_optimizer, param_groups
 from ..variants import create_model, get_variant
-from .common import evaluate_classifier, model_overrides, model_saver, prepare_run, run_loop, set_threads
+from .common import (
+    evaluate_classifier,
+    in_process_group,
+    make_ema,
+    model_overrides,
+    model_saver,
+    prepare_run,
+    run_loop,
+    set_threads,
+)
 
 
 def load_datasets(cfg: TrainConfig):
@@ -56,18 +65,26 @@ def build_classifier(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, str
     overrides = model_overrides(cfg, num_classes=num_classes)
     report = None
     if cfg.command == "finetune":
-        weights = read_weights(cfg.checkpoint, arch=cfg.model)  # a training checkpoint gives its 'model'
-        windows = cfg.pretrained_windows or checkpoint_windows(weights)
-        if windows is not None:
-            overrides["pretrained_window_sizes"] = list(windows)
-        model = create_model(cfg.model, **overrides)
-        report = str(load_pretrained(model, weights, head="auto"))
+        model, report = network_from_checkpoint(cfg, overrides, head="auto")
     else:
         get_variant(cfg.model)  # a clear error for an unknown name before any data work
         model = create_model(cfg.model, **overrides)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model, report
+
+
+def network_from_checkpoint(cfg: TrainConfig, overrides: dict, head: str) -> tuple[SwinTransformerV2, str]:
+    """``cfg.model`` built with ``overrides`` and started from ``cfg.checkpoint`` (``head`` as
+    :func:`~swinv2.load_pretrained` takes it), and the load report. The windows the checkpoint
+    was trained with become ``pretrained_window_sizes`` unless the config names them, so the
+    log-spaced position bias transfers to the new window."""
+    weights = read_weights(cfg.checkpoint, arch=cfg.model)  # a training checkpoint gives its 'model'
+    windows = cfg.pretrained_windows or checkpoint_windows(weights)
+    if windows is not None:
+        overrides = {**overrides, "pretrained_window_sizes": list(windows)}
+    model = create_model(cfg.model, **overrides)
+    return model, str(load_pretrained(model, weights, head=head))
 
 
 def checkpoint_windows(source) -> list[int] | None:
@@ -157,11 +174,7 @@ def eval_loader(dataset, transform, cfg: TrainConfig, env: Dist) -> DataLoader:
 
 
 def main(cfg: TrainConfig) -> int:
-    env = setup(cfg.device)
-    try:
-        return _run(cfg, env)
-    finally:
-        teardown()
+    return in_process_group(_run, cfg)
 
 
 def _run(cfg: TrainConfig, env: Dist) -> int:
@@ -173,11 +186,7 @@ def _run(cfg: TrainConfig, env: Dist) -> int:
     if report and env.main:
         print(f"start weights: {cfg.checkpoint}\n{report}")
     model.to(env.device)
-    ema = None
-    if cfg.ema:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    ema = make_ema(model, cfg.ema)
     wrapped = wrap_model(model, env, cfg.sharding)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
