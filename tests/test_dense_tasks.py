@@ -221,3 +221,12 @@ def test_paper_recipes_state_the_appendix_settings(name, values):
     assert about["global_batch"] == 16 and "--checkpoint swinv2_tiny_window16_256.ms_in1k" in about["command"]
     assert all(str(about[k]).strip() for k in ("paper", "expected", "hardware", "time", "weights"))
     assert "checkpoint" not in read_recipe(path)  # the starting weights are given on the command line
+
+
+def test_a_whole_dense_model_is_not_taken_for_backbone_weights(runs, roots, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--task", "segmentation", "--data", str(roots["segmentation"]), "--checkpoint",
+                 str(runs["detection"] / "model-last.safetensors"), "--output", str(out)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "is a whole detection model" in line and "--resume" in line
+    assert not out.exists()

@@ -72,6 +72,10 @@ def build_backbone(cfg: TrainConfig) -> tuple[SwinV2Backbone, str | None]:
     overrides = model_overrides(cfg, num_classes=0)
     report = None
     if cfg.checkpoint:
+        trained_for = dense_task_of(cfg.checkpoint)  # None for anything but a local dense model file
+        if trained_for:
+            raise ValueError(f"--checkpoint {cfg.checkpoint} is a whole {trained_for} model; --checkpoint starts the "
+                             "backbone from a classifier or pre-trained network (continue a dense run with --resume)")
         network, report = network_from_checkpoint(cfg, overrides, head="drop")
     else:
         get_variant(cfg.model)  # a clear error for an unknown name before any data work
