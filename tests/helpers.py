@@ -98,3 +98,29 @@ def native_kernel_here() -> bool:
     finally:
         native._switch.clear()
         native._switch.update(switch)
+
+
+def assert_compiles_whole(model: nn.Module) -> None:
+    """torch.compile(fullgraph=True) fails on any graph break; the eager backend checks capture
+    only. A padded size exercises padding, shift and mask code; training (with gradients) must be
+    captured whole too."""
+    model.eval()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(2, 3, 36, 52)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    model.train()
+    compiled(x).sum().backward()
+    assert model.layers[0].blocks[0].attn.cpb_mlp[0].weight.grad is not None
+    torch._dynamo.reset()
+
+
+def export_holding_only_pytorch_operators(model: nn.Module, x: torch.Tensor, grad: bool):
+    """``torch.export`` of ``model`` on ``x``, checked to hold PyTorch's operators only (none of
+    swinv2's, none of oneDNN's): exported graphs run elsewhere, where the speedups do not exist."""
+    with torch.set_grad_enabled(grad):
+        program = torch.export.export(model, (x,))
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert any("aten" in op for op in ops)
+    assert not any("swinv2" in op or "mkldnn" in op for op in ops), sorted(ops)
+    return program

@@ -230,3 +230,15 @@ def test_a_whole_dense_model_is_not_taken_for_backbone_weights(runs, roots, tmp_
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "is a whole detection model" in line and "--resume" in line
     assert not out.exists()
+
+
+def test_an_empty_coco_split_is_refused_naming_the_file(tmp_path, capsys):
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        (root / f"{split}2017").mkdir()
+        (root / "annotations" / f"instances_{split}2017.json").write_text(
+            json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "cat"}]}))
+    assert main(["train", "--task", "detection", "--data", str(root), "--output", str(tmp_path / "run")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "instances_train2017.json lists no images" in line and not (tmp_path / "run").exists()

@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import official_fixture, randomize_, rel_err
+from helpers import (
+    assert_compiles_whole,
+    export_holding_only_pytorch_operators,
+    official_fixture,
+    randomize_,
+    rel_err,
+)
 from torch import nn
 
 import swinv2
@@ -804,17 +810,7 @@ def test_batch_chunking_options():
 
 
 def test_torch_compile_takes_the_whole_fast_forward():
-    """fullgraph=True fails on any graph break; the eager backend checks capture only. The
-    padded size exercises padding, shift and mask code."""
-    model = fast_model(seed=8).eval()
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
-    x = torch.randn(2, 3, 36, 52)
-    with torch.no_grad():
-        assert torch.allclose(compiled(x), model(x), rtol=1e-5, atol=1e-6)
-    model.train()
-    compiled(x).sum().backward()  # training (with gradients) is captured whole too
-    assert model.layers[0].blocks[0].attn.cpb_mlp[0].weight.grad is not None
-    torch._dynamo.reset()
+    assert_compiles_whole(fast_model(seed=8))
 
 
 def test_sequential_attention_on_the_fast_model_compiles_whole():
@@ -843,11 +839,7 @@ def test_captured_graphs_hold_only_pytorch_operators(grad):
     oneDNN or swinv2 operators in it), and the graph computes what the model does."""
     model = fast_model(seed=5).eval()
     x = _randn(2, 3, 36, 52, seed=5)
-    with torch.set_grad_enabled(grad):
-        program = torch.export.export(model, (x,))
-    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
-    assert any("aten" in op for op in ops)
-    assert not any("swinv2" in op or "mkldnn" in op for op in ops), sorted(ops)
+    program = export_holding_only_pytorch_operators(model, x, grad)
     with torch.no_grad():
         want = model(x)  # (the position bias is now cached)
         assert rel_err(program.module()(x), want) < 1e-5

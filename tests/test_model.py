@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randomize_, rel_err
+from helpers import assert_compiles_whole, randomize_, rel_err
 
 import swinv2
 from swinv2.variants import VARIANTS, count_parameters
@@ -422,17 +422,7 @@ def test_fused_attention_gradients_equal_reference():
 
 
 def test_torch_compile_takes_the_whole_forward():
-    """fullgraph=True fails on any graph break; the eager backend checks capture only. The
-    padded size exercises padding, shift and mask code."""
-    model = debug_model(seed=8).eval()
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
-    x = torch.randn(2, 3, 36, 52)
-    with torch.no_grad():
-        assert torch.allclose(compiled(x), model(x), rtol=1e-5, atol=1e-6)
-    model.train()
-    compiled(x).sum().backward()  # training (with gradients) is captured whole too
-    assert model.layers[0].blocks[0].attn.cpb_mlp[0].weight.grad is not None
-    torch._dynamo.reset()
+    assert_compiles_whole(debug_model(seed=8))
 
 
 @pytest.mark.slow

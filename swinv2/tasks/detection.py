@@ -39,6 +39,10 @@ def load_data(cfg: TrainConfig):
     root = cfg.data if cfg.data is not None else build_detection_demo()
     train = CocoDetection(root, "train", masks=True, keep_crowd=False)
     val = CocoDetection(root, "val", masks=True, keep_crowd=True)  # crowd regions: matches there are ignored
+    for split in (train, val):
+        missing = "categories" if not split.category_ids else "images" if not len(split) else None
+        if missing:
+            raise ValueError(f"{split.annotation_file} lists no {missing}: nothing to train or validate on")
     if list(val.category_ids) != list(train.category_ids):
         raise ValueError(f"{root}: instances_train2017.json and instances_val2017.json list different categories")
     return train, val, list(train.classes), list(train.category_ids)
