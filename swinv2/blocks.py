@@ -1,5 +1,7 @@
 """Swin Transformer V2 block and stage: (shifted) window attention and an MLP as residual
-branches with res-post-norm (§3.2), and a run of blocks at one resolution before patch merging."""
+branches with res-post-norm (§3.2), and a run of blocks at one resolution before patch merging.
+Both work on images ``(B, H, W, C)`` and videos ``(B, T, H, W, C)``: the window has one side per
+axis of the map."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cache import CONSTANT_CACHE_BYTES, BoundedCache
 from .layers import NORM_PLACEMENTS, DropPath, Mlp, PatchMerging, WindowAttention
-from .windows import Size2, attention_mask, effective_window, window_partition, window_reverse
+from .windows import Size, attention_mask, effective_window, window_partition, window_reverse
 
 
 # Where the LayerNorms of a residual branch ``f`` sit (§3.2, Table 7). ``post_norm`` is the
@@ -43,8 +45,8 @@ class SwinTransformerV2Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path: float = 0.0, norm_layer=nn.LayerNorm,
-                 pretrained_window_size: Size2 = (0, 0), norm_placement: str = "res_post", attn_type: str = "cosine",
-                 position_bias: str = "log_cpb", table_window: Size2 = (7, 7), cpb_hidden_dim: int = 512,
+                 pretrained_window_size: Size = (0, 0), norm_placement: str = "res_post", attn_type: str = "cosine",
+                 position_bias: str = "log_cpb", table_window: Size = (7, 7), cpb_hidden_dim: int = 512,
                  extra_norm: bool = False):
         super().__init__()
         if norm_placement not in NORM_PLACEMENTS:
@@ -67,22 +69,26 @@ class SwinTransformerV2Block(nn.Module):
                 nn.init.zeros_(norm.weight)
                 nn.init.zeros_(norm.bias)
 
-    def window_attention(self, x: torch.Tensor, window: Size2, shift: Size2, mask) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C): pad to whole windows, shift, attend, undo."""
-        B, H, W, C = x.shape
-        pad_h, pad_w = (-H) % window[0], (-W) % window[1]
-        if pad_h or pad_w:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (B, Hp, Wp, C)
-        if shift[0] or shift[1]:
-            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    def window_attention(self, x: torch.Tensor, window: Size, shift: Size, mask) -> torch.Tensor:
+        """(B, *S, C) -> (B, *S, C): pad to whole windows, shift, attend, undo."""
+        size = x.shape[1:-1]  # (H, W) or (T, H, W)
+        pads = [(-s) % w for s, w in zip(size, window)]
+        axes = tuple(range(1, len(size) + 1))
+        if any(pads):
+            # F.pad lists (start, end) pairs from the last axis: channels first, then W, H (, T)
+            x = F.pad(x, (0, 0, *(p for pad in reversed(pads) for p in (0, pad))))  # (B, *padded, C)
+        if any(shift):
+            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=axes)
         windows = self.attn(window_partition(x, window), window, mask)  # (B*nW, N, C)
-        x = window_reverse(windows, window, H + pad_h, W + pad_w)  # (B, Hp, Wp, C)
-        if shift[0] or shift[1]:
-            x = torch.roll(x, shifts=shift, dims=(1, 2))
-        return x[:, :H, :W, :] if (pad_h or pad_w) else x
+        x = window_reverse(windows, window, *x.shape[1:-1])  # (B, *padded, C)
+        if any(shift):
+            x = torch.roll(x, shifts=tuple(shift), dims=axes)
+        if any(pads):
+            x = x[(slice(None), *(slice(0, s) for s in size))]  # (B, *S, C)
+        return x
 
-    def forward(self, x: torch.Tensor, window: Size2, shift: Size2, mask=None) -> torch.Tensor:
-        """x: (B, H, W, C); window and shift: this block's; mask: (nW, N, N) or None."""
+    def forward(self, x: torch.Tensor, window: Size, shift: Size, mask=None) -> torch.Tensor:
+        """x: (B, *S, C); window and shift: this block's; mask: (nW, N, N) or None."""
         residual = RESIDUALS[self.norm_placement]
         x = residual(x, lambda t: self.window_attention(t, window, shift, mask), self.norm1, self.norm1_post,
                      self.drop_path)
@@ -92,9 +98,10 @@ class SwinTransformerV2Block(nn.Module):
 
 class SwinTransformerV2Stage(nn.Module):
     """A run of blocks at one resolution, alternating unshifted and shifted windows, then (except
-    in the last stage) patch merging. (B, H, W, C) -> (B, H/2, W/2, 2C)."""
+    in the last stage) patch merging. (B, H, W, C) -> (B, H/2, W/2, 2C), or for videos
+    (B, T, H, W, C) -> (B, T, H/2, W/2, 2C) (merging is spatial only)."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, window_size: Size2, downsample: bool,
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: Size, downsample: bool,
                  drop_path: Sequence[float], norm_layer=nn.LayerNorm, extra_norm_period: int = 0,
                  window_rule: str = "per_axis", merge_norm: str = "post", **block_kwargs):
         super().__init__()
@@ -111,27 +118,27 @@ class SwinTransformerV2Stage(nn.Module):
         # so large ones are built per call instead of kept
         self._mask_cache = BoundedCache(entries=4, max_bytes=4 * CONSTANT_CACHE_BYTES)
 
-    def window_and_shift(self, resolution: Size2) -> tuple[Size2, Size2]:
+    def window_and_shift(self, resolution: Size) -> tuple[Size, Size]:
         return effective_window(resolution, self.window_size, self.window_rule)
 
-    def masks(self, resolution: Size2, device) -> dict[Size2, torch.Tensor | None]:
+    def masks(self, resolution: Size, device) -> dict[Size, torch.Tensor | None]:
         """{shift: mask} for the unshifted and the shifted blocks on a map of ``resolution``."""
         window, shift = self.window_and_shift(resolution)
         return {s: self._mask_cache.get((resolution, window, s, device),
                                         lambda s=s: attention_mask(resolution, window, s, device))
-                for s in {(0, 0), shift}}
+                for s in {(0,) * len(shift), shift}}
 
     def clear_masks(self) -> None:
         """Forget the masks kept for earlier inputs (after the window changes)."""
         self._mask_cache.clear()
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C), without the downsampling."""
-        resolution = (x.shape[1], x.shape[2])
+        """(B, *S, C) -> (B, *S, C), without the downsampling."""
+        resolution = tuple(x.shape[1:-1])
         window, shift = self.window_and_shift(resolution)
         masks = self.masks(resolution, x.device)
         for i, block in enumerate(self.blocks):
-            s = shift if i % 2 else (0, 0)
+            s = shift if i % 2 else (0,) * len(shift)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, window, s, masks[s], use_reentrant=False)
             else:

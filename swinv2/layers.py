@@ -1,8 +1,9 @@
 """Building blocks of Swin Transformer V2 (Liu et al., CVPR 2022).
 
-Everything works on channel-last maps: ``(B, H, W, C)`` for feature maps and ``(B*nW, N, C)``
-for windows of ``N = wh*ww`` tokens. Window sizes are ``(wh, ww)`` tuples. This is the plain
-computation of the paper; :mod:`swinv2.fast` swaps faster versions of some modules in.
+Everything works on channel-last maps: ``(B, H, W, C)`` for images, ``(B, T, H, W, C)`` for
+videos, and ``(B*nW, N, C)`` for windows of ``N`` tokens (the product of the window's sides).
+Window sizes are tuples with one entry per axis: ``(wh, ww)`` or ``(wt, wh, ww)``. This is the
+plain computation of the paper; :mod:`swinv2.fast` swaps faster versions of some modules in.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .cache import CONSTANT_CACHE_BYTES, BoundedCache
-from .windows import Size2, mask_rows, relative_coords_table, relative_position_index, resize_bias_table
+from .windows import Size, Size2, mask_rows, relative_coords_table, relative_position_index, resize_bias_table
 
 # Logit-scale ceiling of scaled cosine attention (§3.3: tau > 0.01, so scale <= 100). The official
 # code builds it as a float32 tensor; in float64 its ln(100) differs by 6e-8, visible in outputs.
@@ -54,21 +55,24 @@ def to_2tuple(value, name: str = "value") -> Size2:
 
 
 class ContinuousPositionBias(nn.Sequential):
-    """Log-spaced continuous position bias (§3.4): a 2-layer MLP (2 -> hidden -> nH, ReLU, no
+    """Log-spaced continuous position bias (§3.4): a 2-layer MLP (k -> hidden -> nH, ReLU, no
     output bias) maps each relative offset of a window to one bias per head, so any window works
-    and a model transfers to windows it never saw. Its layers keep the official ``cpb_mlp``
-    names (``0``, ``2``). ``spacing="linear"`` is the paper's linear-spaced ablation."""
+    and a model transfers to windows it never saw. The MLP takes one coordinate per axis of
+    ``pretrained_window``: 2 for images (dy, dx), 3 for videos (dt, dy, dx). Its layers keep the
+    official ``cpb_mlp`` names (``0``, ``2``). ``spacing="linear"`` is the paper's linear-spaced
+    ablation."""
 
-    def __init__(self, num_heads: int, hidden_dim: int = 512, pretrained_window: Size2 = (0, 0),
+    def __init__(self, num_heads: int, hidden_dim: int = 512, pretrained_window: Size = (0, 0),
                  spacing: str = "log"):
         # The ReLU is not in place (the official one is): a full backward hook on the first
         # Linear would fail on it, and the hidden layer is small.
-        super().__init__(nn.Linear(2, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, num_heads, bias=False))
+        super().__init__(nn.Linear(len(pretrained_window), hidden_dim), nn.ReLU(),
+                         nn.Linear(hidden_dim, num_heads, bias=False))
         self.num_heads, self.pretrained_window, self.spacing = num_heads, tuple(pretrained_window), spacing
         self._coords = BoundedCache(entries=8, max_bytes=CONSTANT_CACHE_BYTES)
 
-    def table(self, window: Size2) -> torch.Tensor:
-        """The bias of every relative offset of ``window``, ``((2wh-1)(2ww-1), nH)``, bounded
+    def table(self, window: Size) -> torch.Tensor:
+        """The bias of every relative offset of ``window``, ``(prod(2w-1), nH)``, bounded
         to (0, 16) by 16*sigmoid (applied to the table's rows, before any gather)."""
         weight = self[0].weight
         coords = self._coords.get((window, weight.device, weight.dtype), lambda: relative_coords_table(
@@ -86,7 +90,8 @@ class WindowAttention(nn.Module):
     ``exp(min(logit_scale, ln 100))``; ``"dot"``: V1's ``q.k / sqrt(d)``. Queries and values
     have biases, keys do not (as in the official code). ``position_bias``: ``log_cpb`` /
     ``linear_cpb`` (V2, :class:`ContinuousPositionBias`), ``table`` (V1: a learned table of
-    ``(2wh-1)(2ww-1) x nH`` built for ``table_window`` and bicubically resized), or ``none``.
+    ``prod(2w-1) x nH`` built for ``table_window`` and resized to other windows), or ``none``.
+    Windows have as many axes as ``pretrained_window_size`` (and ``table_window``): 2 or 3.
 
     ``fused_attn``: one ``scaled_dot_product_attention`` call (default), or the explicit
     step-by-step computation of the official code. ``sequential`` (§3.5): windows attended in
@@ -94,8 +99,8 @@ class WindowAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, pretrained_window_size: Size2 = (0, 0), attn_type: str = "cosine",
-                 position_bias: str = "log_cpb", table_window: Size2 = (7, 7), cpb_hidden_dim: int = 512):
+                 proj_drop: float = 0.0, pretrained_window_size: Size = (0, 0), attn_type: str = "cosine",
+                 position_bias: str = "log_cpb", table_window: Size = (7, 7), cpb_hidden_dim: int = 512):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -112,8 +117,8 @@ class WindowAttention(nn.Module):
             self.cpb_mlp = ContinuousPositionBias(num_heads, cpb_hidden_dim, self.pretrained_window_size, spacing)
         elif position_bias == "table":
             self.table_window = tuple(table_window)
-            th, tw = self.table_window
-            self.relative_position_bias_table = nn.Parameter(torch.empty((2 * th - 1) * (2 * tw - 1), num_heads))
+            rows = math.prod(2 * w - 1 for w in self.table_window)
+            self.relative_position_bias_table = nn.Parameter(torch.empty(rows, num_heads))
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         self.q_bias = nn.Parameter(torch.empty(dim)) if qkv_bias else None
         self.v_bias = nn.Parameter(torch.empty(dim)) if qkv_bias else None
@@ -139,8 +144,8 @@ class WindowAttention(nn.Module):
 
     # -- position bias --------------------------------------------------------------------------
 
-    def bias_table(self, window: Size2) -> torch.Tensor | None:
-        """The bias of every relative offset of ``window``, ``((2wh-1)*(2ww-1), nH)``, or None."""
+    def bias_table(self, window: Size) -> torch.Tensor | None:
+        """The bias of every relative offset of ``window``, ``(prod(2w-1), nH)``, or None."""
         if self.cpb_mlp is not None:
             return self.cpb_mlp.table(window)
         if self.relative_position_bias_table is not None:
@@ -148,19 +153,19 @@ class WindowAttention(nn.Module):
             return table if window == self.table_window else resize_bias_table(table, self.table_window, window)
         return None
 
-    def relative_bias(self, window: Size2) -> torch.Tensor | None:
+    def relative_bias(self, window: Size) -> torch.Tensor | None:
         """The additive bias ``(nH, N, N)`` for ``window``, or None without position bias."""
         window = tuple(window)
         table = self.bias_table(window)
         if table is None:
             return None
-        N = window[0] * window[1]
+        N = math.prod(window)
         index = self._index.get((window, table.device), lambda: relative_position_index(window).to(table.device))
         return table[index.view(-1)].view(N, N, -1).permute(2, 0, 1)  # (nH, N, N)
 
     # -- attention ------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, window: Size2, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window: Size, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B*nW, N, C) windows of size ``window``; mask: (nW, N, N) additive, or None."""
         B_, N, C = x.shape
         qkv = self.qkv(x)  # (B_, N, 3C)
@@ -279,17 +284,19 @@ class DropPath(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches: conv with stride = kernel = patch, then LayerNorm.
-    (B, C_in, H, W) -> (B, H/p, W/p, C)."""
+    """Non-overlapping patches: conv with stride = kernel = patch, then LayerNorm. A 2-axis
+    ``patch_size`` embeds images, (B, C_in, H, W) -> (B, H/p, W/p, C); a 3-axis one videos,
+    (B, C_in, T, H, W) -> (B, T/pt, H/p, W/p, C)."""
 
-    def __init__(self, patch_size: Size2, in_chans: int, embed_dim: int, norm: bool = True, norm_layer=nn.LayerNorm):
+    def __init__(self, patch_size: Size, in_chans: int, embed_dim: int, norm: bool = True, norm_layer=nn.LayerNorm):
         super().__init__()
         self.patch_size, self.in_chans = tuple(patch_size), in_chans
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        conv = {2: nn.Conv2d, 3: nn.Conv3d}[len(self.patch_size)]
+        self.proj = conv(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
         self.norm = norm_layer(embed_dim) if norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x).permute(0, 2, 3, 1)  # (B, H/p, W/p, C)
+        x = self.proj(x).movedim(1, -1)  # (B, H/p, W/p, C) or (B, T/pt, H/p, W/p, C)
         return self.norm(x) if self.norm is not None else x
 
 
@@ -299,7 +306,8 @@ class PatchMerging(nn.Module):
 
     Concatenation order follows the official code: (even row, even col), (odd, even), (even, odd),
     (odd, odd). An odd-sized map is zero-padded at the bottom/right first.
-    (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C).
+    (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C); a video's frames merge on their own (spatial
+    only), (B, T, H, W, C) -> (B, T, ceil(H/2), ceil(W/2), 2C).
     """
 
     def __init__(self, dim: int, norm_layer=nn.LayerNorm, norm_first: bool = False):
@@ -309,7 +317,11 @@ class PatchMerging(nn.Module):
         self.norm = norm_layer(4 * dim if norm_first else 2 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
+        *lead, H, W, C = x.shape
+        if len(lead) > 1:  # frames of a video: (B, T, H, W, C) -> (B*T, H, W, C) and back
+            out = self.forward(x.reshape(-1, H, W, C))  # (B*T, H/2, W/2, 2C)
+            return out.view(*lead, *out.shape[1:])
+        B = lead[0]
         if H % 2 or W % 2:
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
             H, W = H + H % 2, W + W % 2

@@ -25,7 +25,189 @@ NO_WEIGHT_DECAY_KEYWORDS = ("cpb_mlp", "logit_scale", "relative_position_bias_ta
 MERGE_NORMS = ("post", "pre")
 
 
-class SwinTransformerV2(nn.Module):
+class SwinTransformerV2Stages(nn.Module):
+    """What the image and the video network share: the stages, the head, the memory switches
+    (§3.5) and the optimizer's helpers. Subclasses build ``patch_embed``, ``layers`` (a list of
+    :class:`SwinTransformerV2Stage`), ``norm`` and ``head`` and define :meth:`embed`."""
+
+    OUTPUT_FORMATS = ("NCHW", "NHWC")  # channels first, channels last
+
+    def build_stages(self, embed_dim: int, depths: Sequence[int], num_heads: Sequence[int], drop_path_rate: float,
+                     norm_layer, stage_kwargs) -> None:
+        """``self.layers``: one stage per depth, width doubling, stochastic depth rising
+        linearly over all blocks; ``stage_kwargs(i)`` gives stage i's remaining arguments."""
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # stochastic depth
+        self.layers = nn.ModuleList(
+            SwinTransformerV2Stage(
+                dim=int(embed_dim * 2**i), depth=depths[i], num_heads=num_heads[i],
+                downsample=i < len(depths) - 1, drop_path=dpr[sum(depths[:i]) : sum(depths[: i + 1])],
+                norm_layer=norm_layer, **stage_kwargs(i),
+            )
+            for i in range(len(depths))
+        )
+
+    def finish_init(self, use_checkpoint, grad_checkpointing, sequential_attention, budget_mb) -> None:
+        """Official initial values, then the memory switches the constructor was given."""
+        self.apply(_init_weights)
+        for block in self.iter_blocks():
+            block.init_res_post_norm()
+        self.set_grad_checkpointing(True, stages=stage_spec(True if use_checkpoint else grad_checkpointing,
+                                                             self.num_layers, "grad_checkpointing"))
+        self._sequential_budget_mb = None
+        self._apply_sequential_attention(stage_spec(sequential_attention, self.num_layers, "sequential_attention"),
+                                         budget_mb)
+
+    def iter_blocks(self) -> Iterable[SwinTransformerV2Block]:
+        """Every block of every stage, in order."""
+        return (block for stage in self.layers for block in stage.blocks)
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Stages and final norm on embedded tokens (B, *grid, C) -> (B, *grid/8, C_final)."""
+        for stage in self.layers:
+            x = stage(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Final map (B, h, w, C) or (B, t, h, w, C) -> logits (B, classes), or the pooled (B, C)
+        if pre_logits."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=tuple(range(1, x.ndim - 1)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Input -> the unpooled, normed final map, channel-last."""
+        return self.forward_tokens(self.embed(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str | None = None,
+                              intermediates_only: bool = False):
+        """Per-stage feature maps for dense tasks: each a stage's output before its patch merging,
+        at stride patch*2^i. ``indices``: stage indices, or an int n for the last n (default all).
+        ``norm``: LayerNorm each map (the last stage with the model's final norm, so it equals
+        ``forward_features``; earlier ones without affine parameters). ``output_fmt``: ``NCHW`` (default) or
+        ``NHWC`` (videos: ``NCTHW`` (default) or ``NTHWC``). ``stop_early``: skip the stages after the last one
+        asked for. Returns the maps if ``intermediates_only``, else ``(final, maps)``, ``final`` the
+        channel-last output of the last stage run (normed when it is the network's last)."""
+        channels_first, channels_last = self.OUTPUT_FORMATS
+        output_fmt = channels_first if output_fmt is None else output_fmt
+        if output_fmt not in self.OUTPUT_FORMATS:
+            raise ValueError(f"output_fmt must be '{channels_first}' or '{channels_last}', got {output_fmt!r}")
+        take = _stage_indices(self.num_layers, indices)
+        last = max(take) if stop_early else self.num_layers - 1
+        x, maps = self.embed(x), []
+        for i, stage in enumerate(self.layers[: last + 1]):
+            x = stage.forward_blocks(x)
+            if i in take:
+                out = x if not norm else self.norm(x) if i == self.num_layers - 1 else F.layer_norm(x, x.shape[-1:])
+                maps.append(out.movedim(-1, 1).contiguous() if output_fmt == channels_first else out)
+            if stage.downsample is not None and i < last:
+                x = stage.downsample(x)
+        if intermediates_only:
+            return maps
+        return self.norm(x) if last == self.num_layers - 1 else x, maps
+
+    # -- memory (§3.5) ---------------------------------------------------------------------------
+
+    def set_grad_checkpointing(self, enable: bool = True, stages: Iterable[int] | None = None) -> None:
+        """Recompute each block's activations in backward (same outputs and gradients). ``stages``
+        limits it to those stage indices; the others are switched off."""
+        chosen = set(range(self.num_layers) if stages is None else stage_spec(list(stages), self.num_layers,
+                                                                               "stages"))
+        for i, stage in enumerate(self.layers):
+            stage.grad_checkpointing = bool(enable) and i in chosen
+
+    def set_sequential_attention(self, stages: bool | Iterable[int] | None = None, chunk_windows: int | None = None,
+                                 memory_budget_mb: float | None = None) -> None:
+        """Attend windows in chunks, one chunk after the other (§3.5: the first two stages at
+        1536x1536 with 32x32 windows), bounding the attention scores alive at once; outputs and
+        gradients equal the batched computation. ``stages``: indices (None or True: all; False or
+        []: off). ``chunk_windows``: windows per chunk; otherwise sized from ``memory_budget_mb``
+        (default 256) for the score-sized tensors, at the dtype and window each call runs with.
+        With gradients each chunk is recomputed in backward (one extra attention forward)."""
+        if chunk_windows is not None and chunk_windows < 1:
+            raise ValueError(f"chunk_windows must be at least 1, got {chunk_windows}")
+        if memory_budget_mb is not None and memory_budget_mb <= 0:
+            raise ValueError(f"memory_budget_mb must be positive, got {memory_budget_mb}")
+        chosen = stage_spec(True if stages is None else stages, self.num_layers, "stages")
+        self._apply_sequential_attention(dict.fromkeys(chosen, chunk_windows), memory_budget_mb)
+
+    def _apply_sequential_attention(self, spec: dict[int, int | None], budget_mb: float | None) -> None:
+        """Set every stage from ``{stage: windows per chunk or None}``; stages not in it are off."""
+        self._sequential_budget_mb = budget_mb if spec else None
+        for i, stage in enumerate(self.layers):
+            for block in stage.blocks:
+                block.attn.sequential, block.attn.chunk_windows = i in spec, spec.get(i)
+                block.attn.memory_budget_mb = budget_mb if i in spec else None
+
+    def set_fused_attn(self, enable: bool = True) -> None:
+        """One ``scaled_dot_product_attention`` call per window batch (default), or the explicit
+        computation of the official code."""
+        for block in self.iter_blocks():
+            block.attn.fused_attn = bool(enable)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Draw every parameter again from the constructor's initial distributions (for a model
+        built on the meta device and materialised with ``to_empty``, e.g. after FSDP's
+        ``fully_shard``, where each process initialises only its own shards). Fresh draws, not a
+        same-seed constructor's values; under FSDP on a CPU seed each process differently."""
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Conv3d, WindowAttention)):
+                module.reset_parameters()
+            _init_weights(module)
+        if getattr(self, "ape", False):
+            nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
+        for block in self.iter_blocks():
+            block.init_res_post_norm()
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters the official recipe trains without weight decay (besides every bias and
+        norm weight, which the optimizer exempts by shape)."""
+        return {n for n, _ in self.named_parameters()
+                if n == "absolute_pos_embed" or any(k in n for k in NO_WEIGHT_DECAY_KEYWORDS)}
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        return set(NO_WEIGHT_DECAY_KEYWORDS)
+
+    @property
+    def num_layer_ids(self) -> int:
+        """Number of distinct layer ids for layer-wise LR decay: blocks + 2."""
+        return sum(self.depths) + 2
+
+    def layer_id(self, name: str) -> int:
+        """Layer id of a parameter for layer-wise LR decay, as in the official SimMIM fine-tune:
+        stem 0, block j of stage i ``sum(depths[:i]) + j + 1``, a stage's merging its last block's
+        id, everything after the stages ``num_layer_ids - 1``."""
+        if name.startswith(("patch_embed", "mask_token")):
+            return 0
+        if name.startswith("layers."):
+            parts = name.split(".")
+            i = int(parts[1])
+            return sum(self.depths[:i]) + int(parts[3]) + 1 if parts[2] == "blocks" else sum(self.depths[: i + 1])
+        return self.num_layer_ids - 1
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a freshly initialised one for ``num_classes`` (0: none)."""
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes, ref = num_classes, self.norm.weight
+        self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+                     if num_classes > 0 else nn.Identity())
+        if num_classes > 0:
+            _init_weights(self.head)
+
+
+class SwinTransformerV2(SwinTransformerV2Stages):
     """Swin Transformer V2.
 
     The positional arguments are the official constructor's, with the same meaning and
@@ -100,31 +282,18 @@ class SwinTransformerV2(nn.Module):
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.patch_grid[0] * self.patch_grid[1], embed_dim))
             nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # stochastic depth
-        self.layers = nn.ModuleList(
-            SwinTransformerV2Stage(
-                dim=int(embed_dim * 2**i), depth=depths[i], num_heads=num_heads[i], window_size=self.window_size,
-                downsample=i < self.num_layers - 1, drop_path=dpr[sum(depths[:i]) : sum(depths[: i + 1])],
-                norm_layer=norm_layer, extra_norm_period=extra_norm_period, window_rule=window_rule,
-                merge_norm=merge_norm, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
-                attn_drop=attn_drop_rate, pretrained_window_size=self.pretrained_window_sizes[i],
-                norm_placement=norm_placement, attn_type=attn_type, position_bias=position_bias,
-                table_window=self.stage_windows()[i][0], cpb_hidden_dim=cpb_hidden_dim,
-            )
-            for i in range(self.num_layers)
-        )
+        self.build_stages(embed_dim, depths, num_heads, drop_path_rate, norm_layer, lambda i: dict(
+            window_size=self.window_size, extra_norm_period=extra_norm_period, window_rule=window_rule,
+            merge_norm=merge_norm, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+            pretrained_window_size=self.pretrained_window_sizes[i], norm_placement=norm_placement,
+            attn_type=attn_type, position_bias=position_bias, table_window=self.stage_windows()[i][0],
+            cpb_hidden_dim=cpb_hidden_dim,
+        ))
         self.norm = norm_layer(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = [dict(num_chs=int(embed_dim * 2**i), reduction=self.patch_size[0] * 2**i,
                                   module=f"layers.{i}") for i in range(self.num_layers)]
-        self.apply(_init_weights)
-        for block in self.iter_blocks():
-            block.init_res_post_norm()
-        self.set_grad_checkpointing(True, stages=stage_spec(True if use_checkpoint else grad_checkpointing,
-                                                             self.num_layers, "grad_checkpointing"))
-        self._sequential_budget_mb = None
-        self._apply_sequential_attention(stage_spec(sequential_attention, self.num_layers, "sequential_attention"),
-                                         sequential_attention_budget_mb)
+        self.finish_init(use_checkpoint, grad_checkpointing, sequential_attention, sequential_attention_budget_mb)
 
     @property
     def config(self) -> dict:
@@ -138,10 +307,6 @@ class SwinTransformerV2(nn.Module):
             sequential_attention=sequential or False,
             sequential_attention_budget_mb=self._sequential_budget_mb if sequential else None,
         )
-
-    def iter_blocks(self) -> Iterable[SwinTransformerV2Block]:
-        """Every block of every stage, in order."""
-        return (block for stage in self.layers for block in stage.blocks)
 
     # -- sizes and windows ----------------------------------------------------------------------
 
@@ -223,6 +388,10 @@ class SwinTransformerV2(nn.Module):
             raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {ph}x{pw}; resize or crop "
                              f"it, e.g. to {max(ph, H // ph * ph)}x{max(pw, W // pw * pw)}")
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> the unpooled, normed final map (B, H/32, W/32, C_final), NHWC."""
+        return self.forward_tokens(self.embed(x))
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> patch tokens (B, H/p, W/p, C), position embedding added."""
         self.check_input(x)
@@ -236,146 +405,7 @@ class SwinTransformerV2(nn.Module):
             x = x + pos.view(1, grid[0], grid[1], -1)
         return self.pos_drop(x)
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Stages and final norm on embedded tokens (B, H/p, W/p, C) -> (B, H/32, W/32, C_final)."""
-        for stage in self.layers:
-            x = stage(x)
-        return self.norm(x)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, H, W) -> the unpooled, normed final map (B, H/32, W/32, C_final), NHWC."""
-        return self.forward_tokens(self.embed(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Final map (B, h, w, C) -> logits (B, classes), or the pooled (B, C) if pre_logits."""
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """Per-stage feature maps for dense tasks: each a stage's output before its patch merging,
-        at stride patch*2^i. ``indices``: stage indices, or an int n for the last n (default all).
-        ``norm``: LayerNorm each map (the last stage with the model's final norm, so it equals
-        ``forward_features``; earlier ones without affine parameters). ``output_fmt``: ``NCHW`` or
-        ``NHWC``. ``stop_early``: skip the stages after the last one asked for. Returns the maps if
-        ``intermediates_only``, else ``(final, maps)``, ``final`` the NHWC output of the last stage
-        run (normed when it is the network's last)."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take = _stage_indices(self.num_layers, indices)
-        last = max(take) if stop_early else self.num_layers - 1
-        x, maps = self.embed(x), []
-        for i, stage in enumerate(self.layers[: last + 1]):
-            x = stage.forward_blocks(x)
-            if i in take:
-                out = x if not norm else self.norm(x) if i == self.num_layers - 1 else F.layer_norm(x, x.shape[-1:])
-                maps.append(out.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else out)
-            if stage.downsample is not None and i < last:
-                x = stage.downsample(x)
-        if intermediates_only:
-            return maps
-        return self.norm(x) if last == self.num_layers - 1 else x, maps
-
-    # -- memory (§3.5) ---------------------------------------------------------------------------
-
-    def set_grad_checkpointing(self, enable: bool = True, stages: Iterable[int] | None = None) -> None:
-        """Recompute each block's activations in backward (same outputs and gradients). ``stages``
-        limits it to those stage indices; the others are switched off."""
-        chosen = set(range(self.num_layers) if stages is None else stage_spec(list(stages), self.num_layers,
-                                                                               "stages"))
-        for i, stage in enumerate(self.layers):
-            stage.grad_checkpointing = bool(enable) and i in chosen
-
-    def set_sequential_attention(self, stages: bool | Iterable[int] | None = None, chunk_windows: int | None = None,
-                                 memory_budget_mb: float | None = None) -> None:
-        """Attend windows in chunks, one chunk after the other (§3.5: the first two stages at
-        1536x1536 with 32x32 windows), bounding the attention scores alive at once; outputs and
-        gradients equal the batched computation. ``stages``: indices (None or True: all; False or
-        []: off). ``chunk_windows``: windows per chunk; otherwise sized from ``memory_budget_mb``
-        (default 256) for the score-sized tensors, at the dtype and window each call runs with.
-        With gradients each chunk is recomputed in backward (one extra attention forward)."""
-        if chunk_windows is not None and chunk_windows < 1:
-            raise ValueError(f"chunk_windows must be at least 1, got {chunk_windows}")
-        if memory_budget_mb is not None and memory_budget_mb <= 0:
-            raise ValueError(f"memory_budget_mb must be positive, got {memory_budget_mb}")
-        chosen = stage_spec(True if stages is None else stages, self.num_layers, "stages")
-        self._apply_sequential_attention(dict.fromkeys(chosen, chunk_windows), memory_budget_mb)
-
-    def _apply_sequential_attention(self, spec: dict[int, int | None], budget_mb: float | None) -> None:
-        """Set every stage from ``{stage: windows per chunk or None}``; stages not in it are off."""
-        self._sequential_budget_mb = budget_mb if spec else None
-        for i, stage in enumerate(self.layers):
-            for block in stage.blocks:
-                block.attn.sequential, block.attn.chunk_windows = i in spec, spec.get(i)
-                block.attn.memory_budget_mb = budget_mb if i in spec else None
-
-    def set_fused_attn(self, enable: bool = True) -> None:
-        """One ``scaled_dot_product_attention`` call per window batch (default), or the explicit
-        computation of the official code."""
-        for block in self.iter_blocks():
-            block.attn.fused_attn = bool(enable)
-
     # -- training helpers -----------------------------------------------------------------------
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Draw every parameter again from the constructor's initial distributions (for a model
-        built on the meta device and materialised with ``to_empty``, e.g. after FSDP's
-        ``fully_shard``, where each process initialises only its own shards). Fresh draws, not a
-        same-seed constructor's values; under FSDP on a CPU seed each process differently."""
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, WindowAttention)):
-                module.reset_parameters()
-            _init_weights(module)
-        if self.ape:
-            nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
-        for block in self.iter_blocks():
-            block.init_res_post_norm()
-
-    def no_weight_decay(self) -> set[str]:
-        """Parameters the official recipe trains without weight decay (besides every bias and
-        norm weight, which the optimizer exempts by shape)."""
-        return {n for n, _ in self.named_parameters()
-                if n == "absolute_pos_embed" or any(k in n for k in NO_WEIGHT_DECAY_KEYWORDS)}
-
-    def no_weight_decay_keywords(self) -> set[str]:
-        return set(NO_WEIGHT_DECAY_KEYWORDS)
-
-    @property
-    def num_layer_ids(self) -> int:
-        """Number of distinct layer ids for layer-wise LR decay: blocks + 2."""
-        return sum(self.depths) + 2
-
-    def layer_id(self, name: str) -> int:
-        """Layer id of a parameter for layer-wise LR decay, as in the official SimMIM fine-tune:
-        stem 0, block j of stage i ``sum(depths[:i]) + j + 1``, a stage's merging its last block's
-        id, everything after the stages ``num_layer_ids - 1``."""
-        if name.startswith(("patch_embed", "mask_token")):
-            return 0
-        if name.startswith("layers."):
-            parts = name.split(".")
-            i = int(parts[1])
-            return sum(self.depths[:i]) + int(parts[3]) + 1 if parts[2] == "blocks" else sum(self.depths[: i + 1])
-        return self.num_layer_ids - 1
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a freshly initialised one for ``num_classes`` (0: none)."""
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes, ref = num_classes, self.norm.weight
-        self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-                     if num_classes > 0 else nn.Identity())
-        if num_classes > 0:
-            _init_weights(self.head)
 
     def flops(self, img_size: int | Size2 | None = None) -> int:
         """Multiply-accumulates of one forward pass, counted as the official ``flops()`` does

@@ -1,17 +1,21 @@
 """Window geometry of Swin Transformer V2: partition into windows, the window and shift a map
 uses, the shifted-window masks, and the relative coordinates of the position bias (§3.4).
 
-Maps are channel-last ``(B, H, W, C)``, windows ``(B*nW, N, C)`` with ``N = wh*ww``.
+Every function works on any number of axes: images have two (H, W), videos three (T, H, W).
+Maps are channel-last ``(B, *S, C)`` (``(B, H, W, C)`` for images), windows ``(B*nW, N, C)``
+with ``N`` the product of the window's sides.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 
 Size2 = tuple[int, int]
+Size = tuple[int, ...]  # one entry per axis: (H, W) or (T, H, W)
 
 # Added to the logits of token pairs that a shifted window joins across the image border. The
 # official code uses -100 rather than -inf; with logit scales near 100 that is visible.
@@ -24,70 +28,82 @@ PAD_MASK_VALUE = float("-inf")
 # -- windows -------------------------------------------------------------------------------------
 
 
-def window_partition(x: torch.Tensor, window: Size2) -> torch.Tensor:
-    """(B, H, W, C) -> (B*nW, wh*ww, C); windows ordered batch, window row, window column."""
-    B, H, W, C = x.shape
-    wh, ww = window
-    x = x.view(B, H // wh, wh, W // ww, ww, C)  # (B, nWh, wh, nWw, ww, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, C)  # (B*nW, N, C)
+def window_partition(x: torch.Tensor, window: Size) -> torch.Tensor:
+    """(B, *S, C) -> (B*nW, N, C); windows ordered batch, then window index along each axis in
+    turn (row-major), tokens row-major inside a window."""
+    B, *S, C = x.shape
+    k = len(window)
+    # (B, S0/w0, w0, S1/w1, w1, ..., C) -> (B, S0/w0, S1/w1, ..., w0, w1, ..., C)
+    x = x.view(B, *itertools.chain.from_iterable((s // w, w) for s, w in zip(S, window)), C)
+    order = (0, *range(1, 2 * k, 2), *range(2, 2 * k + 1, 2), 2 * k + 1)
+    return x.permute(order).reshape(-1, math.prod(window), C)  # (B*nW, N, C)
 
 
-def window_reverse(windows: torch.Tensor, window: Size2, H: int, W: int) -> torch.Tensor:
-    """(B*nW, wh*ww, C) -> (B, H, W, C): the inverse of :func:`window_partition`."""
-    wh, ww = window
-    C = windows.shape[-1]
-    x = windows.view(-1, H // wh, W // ww, wh, ww, C)  # (B, nWh, nWw, wh, ww, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)  # (B, H, W, C)
+def window_reverse(windows: torch.Tensor, window: Size, *size: int) -> torch.Tensor:
+    """(B*nW, N, C) -> (B, *size, C): the inverse of :func:`window_partition`."""
+    k, C = len(window), windows.shape[-1]
+    x = windows.view(-1, *(s // w for s, w in zip(size, window)), *window, C)  # (B, nW0, nW1, .., w0, w1, .., C)
+    order = (0, *itertools.chain.from_iterable((1 + i, 1 + k + i) for i in range(k)), 2 * k + 1)
+    return x.permute(order).reshape(-1, *size, C)  # (B, *size, C)
 
 
-def effective_window(resolution: Size2, window: Size2, rule: str = "per_axis") -> tuple[Size2, Size2]:
+def effective_window(resolution: Size, window: Size, rule: str = "per_axis") -> tuple[Size, Size]:
     """The window and shift a stage uses on a map of ``resolution``.
 
     Where a map is not larger than the window, the stage uses one window over that axis and does
     not shift it (``<=``: equal sizes do not shift either). ``rule="per_axis"`` decides each axis
-    on its own; ``rule="official"`` reproduces the official code, which compares ``min(H, W)``
-    with the window and uses that square window on both axes (the two agree on square maps).
+    on its own; ``rule="official"`` (images only) reproduces the official code, which compares
+    ``min(H, W)`` with the window and uses that square window on both axes (the two agree on
+    square maps).
     """
-    (H, W), (wh, ww) = resolution, window
     if rule == "official":
+        (H, W), (wh, ww) = resolution, window
         if min(H, W) <= min(wh, ww):
             return (min(H, W), min(H, W)), (0, 0)
         return (wh, ww), (wh // 2, ww // 2)
     if rule != "per_axis":
         raise ValueError(f"window rule must be 'per_axis' or 'official', got {rule!r}")
-    win_h, shift_h = (H, 0) if H <= wh else (wh, wh // 2)
-    win_w, shift_w = (W, 0) if W <= ww else (ww, ww // 2)
-    return (win_h, win_w), (shift_h, shift_w)
+    pairs = [(s, 0) if s <= w else (w, w // 2) for s, w in zip(resolution, window)]
+    return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
 
 
-def attention_mask(resolution: Size2, window: Size2, shift: Size2, device=None) -> torch.Tensor | None:
+def _region_labels(padded: Size, window: Size, shift: Size) -> torch.Tensor:
+    """(1, *padded, 1) int64: which of the (up to) 3 x 3 (x 3) regions a cyclic shift joins each
+    token belongs to, numbered in mixed radix over the axes."""
+    labels = torch.zeros((1, *padded, 1), dtype=torch.int64)
+    for axis, (p, w, s) in enumerate(zip(padded, window, shift)):
+        cuts = [0, p - w, p - s, p] if s else [0, p]
+        part = torch.zeros(p, dtype=torch.int64)
+        for r, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+            part[a:b] = r
+        shape = [1] * (len(padded) + 2)
+        shape[axis + 1] = p
+        labels = labels * 3 + part.view(shape)
+    return labels
+
+
+def attention_mask(resolution: Size, window: Size, shift: Size, device=None) -> torch.Tensor | None:
     """Additive mask ``(nW, N, N)`` for a map of ``resolution`` padded to whole windows (at the
-    bottom and right) and then cyclically shifted by ``shift``; None when it needs none.
+    end of each axis) and then cyclically shifted by ``shift``; None when it needs none.
 
     Token pairs from different shift regions get -100 (the official value); padded keys get -inf.
     The per-token labels are built on the CPU (a map's worth); the N times larger mask where it is
     used, never copied there.
     """
-    (H, W), (wh, ww), (sh, sw) = resolution, window, shift
-    Hp, Wp = math.ceil(H / wh) * wh, math.ceil(W / ww) * ww
-    padded = (Hp, Wp) != (H, W)
-    if not padded and sh == 0 and sw == 0:
+    padded = tuple(math.ceil(s / w) * w for s, w in zip(resolution, window))
+    is_padded = padded != tuple(resolution)
+    if not is_padded and not any(shift):
         return None
-    N = wh * ww
-    mask = torch.zeros((Hp * Wp // N, N, N), dtype=torch.float32, device=device)
-    if sh or sw:
-        labels = torch.zeros((1, Hp, Wp, 1), dtype=torch.int64)  # the (up to) 3x3 regions the shift joins
-        h_cuts = [0, Hp - wh, Hp - sh, Hp] if sh else [0, Hp]
-        w_cuts = [0, Wp - ww, Wp - sw, Wp] if sw else [0, Wp]
-        for r, (h0, h1) in enumerate(zip(h_cuts[:-1], h_cuts[1:])):
-            for c, (w0, w1) in enumerate(zip(w_cuts[:-1], w_cuts[1:])):
-                labels[:, h0:h1, w0:w1, :] = 3 * r + c
-        lab = window_partition(labels, window).squeeze(-1).to(device)  # (nW, N)
+    N = math.prod(window)
+    mask = torch.zeros((math.prod(padded) // N, N, N), dtype=torch.float32, device=device)
+    if any(shift):
+        lab = window_partition(_region_labels(padded, window, shift), window).squeeze(-1).to(device)  # (nW, N)
         mask.masked_fill_(lab[:, None, :] != lab[:, :, None], SHIFT_MASK_VALUE)
-    if padded:
-        is_pad = torch.zeros((1, Hp, Wp, 1), dtype=torch.bool)
-        is_pad[:, H:], is_pad[:, :, W:] = True, True
-        is_pad = torch.roll(is_pad, shifts=(-sh, -sw), dims=(1, 2))
+    if is_padded:
+        is_pad = torch.zeros((1, *padded, 1), dtype=torch.bool)
+        for axis, s in enumerate(resolution):
+            is_pad[(slice(None),) * (axis + 1) + (slice(s, None),)] = True
+        is_pad = torch.roll(is_pad, shifts=tuple(-s for s in shift), dims=tuple(range(1, len(padded) + 1)))
         pad_keys = window_partition(is_pad, window).squeeze(-1).to(device)  # (nW, N)
         mask.masked_fill_(pad_keys[:, None, :], PAD_MASK_VALUE)
     return mask
@@ -96,32 +112,38 @@ def attention_mask(resolution: Size2, window: Size2, shift: Size2, device=None) 
 # -- relative positions ------------------------------------------------------------------------
 
 
-def relative_position_index(window: Size2) -> torch.Tensor:
-    """(N, N) int64: row-major index into the (2wh-1, 2ww-1) table of relative offsets."""
-    wh, ww = window
-    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)  # (2, N)
-    rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N)
-    return (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)
+def relative_position_index(window: Size) -> torch.Tensor:
+    """(N, N) int64: row-major index into the (2w0-1, 2w1-1, ...) table of relative offsets."""
+    coords = torch.stack(torch.meshgrid(*(torch.arange(w) for w in window), indexing="ij")).flatten(1)  # (k, N)
+    rel = coords[:, :, None] - coords[:, None, :]  # (k, N, N)
+    index = torch.zeros_like(rel[0])
+    for r, w in zip(rel, window):
+        index = index * (2 * w - 1) + (r + w - 1)
+    return index
 
 
-def relative_coords_table(window: Size2, pretrained_window: Size2 = (0, 0), spacing: str = "log") -> torch.Tensor:
-    """(1, 2wh-1, 2ww-1, 2) float32 inputs of the continuous position bias MLP (§3.4).
+def relative_coords_table(window: Size, pretrained_window: Size | None = None, spacing: str = "log") -> torch.Tensor:
+    """(1, 2w0-1, 2w1-1, ..., k) float32 inputs of the continuous position bias MLP (§3.4), one
+    coordinate per axis (k = 2 for images: (dy, dx); 3 for videos: (dt, dy, dx)).
 
     Offsets are divided by ``pretrained_window - 1`` (else ``window - 1``), so the pre-training
     window spans [-1, 1] whatever window is used now. ``spacing="log"`` then scales to [-8, 8]
     and applies sign(t)*log2(1+|t|)/log2(8) (Eq. 4), as the official code does; ``"linear"``
     keeps [-1, 1] (the paper's ablation). An axis of size 1 has only the offset 0 and is left
-    undivided instead of becoming NaN.
+    undivided instead of becoming NaN. A ``pretrained_window`` side of 0 (or None for all) means
+    none: that axis is divided by its current window (a video inflated from an image model has a
+    pre-training window in space but not in time).
     """
-    (wh, ww), (ph, pw) = window, pretrained_window
-    dh = torch.arange(-(wh - 1), wh, dtype=torch.float32)
-    dw = torch.arange(-(ww - 1), ww, dtype=torch.float32)
-    table = torch.stack(torch.meshgrid(dh, dw, indexing="ij")).permute(1, 2, 0).contiguous().unsqueeze(0)
-    div_h, div_w = (ph - 1, pw - 1) if ph > 0 else (wh - 1, ww - 1)
-    if div_h > 0:
-        table[..., 0] /= div_h
-    if div_w > 0:
-        table[..., 1] /= div_w
+    k = len(window)
+    pretrained = tuple(pretrained_window) if pretrained_window is not None else (0,) * k
+    if len(pretrained) != k:
+        raise ValueError(f"pretrained window {pretrained} and window {tuple(window)} differ in their number of axes")
+    axes = [torch.arange(-(w - 1), w, dtype=torch.float32) for w in window]
+    table = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).unsqueeze(0)  # (1, 2w0-1, .., k)
+    divisors = [(p if p > 0 else w) - 1 for p, w in zip(pretrained, window)]
+    for axis, d in enumerate(divisors):
+        if d > 0:
+            table[..., axis] /= d
     if spacing == "log":
         table *= 8
         table = torch.sign(table) * torch.log2(torch.abs(table) + 1.0) / math.log2(8)
@@ -130,11 +152,13 @@ def relative_coords_table(window: Size2, pretrained_window: Size2 = (0, 0), spac
     return table
 
 
-def resize_bias_table(table: torch.Tensor, old: Size2, new: Size2) -> torch.Tensor:
-    """Bicubic resize of a V1 bias table ``((2oh-1)(2ow-1), nH)`` to window ``new``."""
+def resize_bias_table(table: torch.Tensor, old: Size, new: Size) -> torch.Tensor:
+    """Resize of a V1 bias table ``(prod(2*old-1), nH)`` to window ``new``: bicubic for images
+    (as the official code), trilinear for videos (interpolate has no tricubic mode)."""
     nH = table.shape[1]
-    grid = table.T.reshape(1, nH, 2 * old[0] - 1, 2 * old[1] - 1)
-    grid = F.interpolate(grid, size=(2 * new[0] - 1, 2 * new[1] - 1), mode="bicubic")
+    grid = table.T.reshape(1, nH, *(2 * o - 1 for o in old))
+    mode = "bicubic" if len(old) == 2 else "trilinear"
+    grid = F.interpolate(grid, size=tuple(2 * n - 1 for n in new), mode=mode)
     return grid.reshape(nH, -1).T
 
 
