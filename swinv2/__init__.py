@@ -17,6 +17,7 @@ from .reading import Weights, read_weights
 from .simmim import MaskGenerator, SimMIM
 from .variants import create_model, list_models
 from .version import __version__
+from .video import VideoSwinTransformerV2
 from .weights import PretrainedWeights, get_pretrained, list_pretrained
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "StateDictMismatchError",
     "SwinTransformerV2",
     "UnsafeCheckpointError",
+    "VideoSwinTransformerV2",
     "Weights",
     "WriteError",
     "__version__",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,8 @@ from .layers import relative_coords_table
 from .model import SwinTransformerV2
 from .reading import Weights, read_weights
 from .simmim import SimMIM
+from .video import VideoSwinTransformerV2, inflate_image_state
+from .windows import resize_bias_table
 
 # DERIVED_BUFFERS: buffers the official code stores in checkpoints; swinv2 derives them from the
 # input size and window at forward time, so they are dropped on load.
@@ -209,6 +212,9 @@ def _load_network(model: nn.Module, weights: Weights, strict: bool, fmt: str | N
             tensor = state.pop(key)
             if key.endswith("relative_coords_table"):
                 _check_coords(model, key, tensor, report)
+    if isinstance(model, VideoSwinTransformerV2):
+        report.notes += inflate_image_state(state, model)  # image weights into the video model
+    report.notes += _fit_bias_tables(model, state)
 
     own = model.state_dict()
     exempt = _resolve_head(state, own, head, head_map, report)  # model head keys not required
@@ -319,20 +325,26 @@ def _construct(weights: Weights, device, overrides: dict) -> SwinTransformerV2:
         norm_layer = norm_layer_for(weights.hf_config)
         if norm_layer is not None:
             kwargs["norm_layer"] = norm_layer
+    network = network_class(kwargs)
     try:
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            model = SwinTransformerV2(**kwargs)
+            model = network(**kwargs)
     except (TypeError, ValueError) as err:
         if weights.hf_config is not None:
             where = os.path.join(weights.path, CONFIG_NAME)
         else:
             where = f"the config stored in{' (with your overrides)' if overrides else ''} {weights.source}"
-        raise CheckpointError(f"{where} cannot build a SwinTransformerV2: {err}") from err
+        raise CheckpointError(f"{where} cannot build a {network.__name__}: {err}") from err
     if norm_layer is not None:
         match_fixed_eps(model)
     if weights.hf_config is not None and not set(_WINDOW_SETTINGS) & set(overrides):
         warn_window_mismatch(model, weights.hf_config, weights.path)
     return model
+
+
+def network_class(config: Mapping) -> type[SwinTransformerV2] | type[VideoSwinTransformerV2]:
+    """The network a saved config describes: a video one says how many frames it takes."""
+    return VideoSwinTransformerV2 if "num_frames" in config else SwinTransformerV2
 
 
 def load_model(
@@ -430,6 +442,29 @@ def _resolve_head(state: dict, own: Mapping, head: str, head_map, report: LoadRe
 def _classes(state: Mapping) -> int:
     w = state.get("head.weight", state.get("head.bias"))
     return int(w.shape[0]) if w is not None else 0
+
+
+def _fit_bias_tables(model: nn.Module, state: dict) -> list[str]:
+    """Resize, in ``state``, V1 position-bias tables saved for another window to the window of
+    the model's attention (bicubic, as the official loader does), so that a table checkpoint
+    loads at a larger window like a CPB one. Only square saved windows can be read off a table's
+    length ((2w-1)^2 rows); any other mismatch is left for the report."""
+    resized = 0
+    for key, table in state.items():
+        if not key.endswith("relative_position_bias_table") or table.ndim != 2:
+            continue
+        try:
+            attn = model.get_submodule(key.rsplit(".", 1)[0])
+        except AttributeError:
+            continue  # not in this model: reported as unexpected
+        own = getattr(attn, "relative_position_bias_table", None)
+        side = (math.isqrt(table.shape[0]) + 1) // 2
+        if own is None or own.shape == table.shape or own.shape[1] != table.shape[1] or (2 * side - 1) ** 2 != \
+                table.shape[0] or len(attn.table_window) != 2:  # image tables only: a video's has three axes
+            continue
+        state[key] = resize_bias_table(table.float(), (side, side), attn.table_window).to(table.dtype)
+        resized += 1
+    return [f"resized {resized} V1 position-bias tables bicubically to the model's windows"] if resized else []
 
 
 def _check_coords(model: nn.Module, key: str, table: torch.Tensor, report: LoadReport) -> None:

@@ -24,6 +24,7 @@ import torch
 from .files import CheckpointError
 from .layers import ATTN_TYPES, NORM_PLACEMENTS, POSITION_BIASES, to_2tuple
 from .model import MERGE_NORMS, SwinTransformerV2
+from .video import VideoSwinTransformerV2, to_3tuple
 from .windows import effective_window
 
 MAX_STAGES = 8
@@ -35,6 +36,7 @@ MAX_CLASSES = 1_000_000
 MAX_CHANNELS = 64
 MAX_CPB_HIDDEN = 8192
 MAX_PARAMETERS = 10_000_000_000
+MAX_FRAMES = 4096
 WINDOW_RULES = ("per_axis", "official")
 GLOBAL_POOLS = ("avg", "")
 # Settings earlier versions saved with the model config that are no model arguments any more:
@@ -48,8 +50,8 @@ class ConfigError(CheckpointError):
     """A model config (from a file) with a field of the wrong type or out of range."""
 
 
-def _defaults() -> dict:
-    params = inspect.signature(SwinTransformerV2.__init__).parameters
+def _defaults(network=SwinTransformerV2) -> dict:
+    params = inspect.signature(network.__init__).parameters
     return {k: p.default for k, p in params.items() if k not in ("self", "norm_layer")}
 
 
@@ -95,6 +97,14 @@ class _Checker:
         elif not isinstance(value, (list, tuple)) or len(value) != 2:
             self.fail(key, f"must be an integer or a pair of integers, got {value!r}", index)
         return tuple(self.integer(key, v, lo, hi, index) for v in value)  # type: ignore[return-value]
+
+    def sides(self, key: str, value, lo: int, hi: int, index: int | None = None, axes=(2,)) -> tuple[int, ...]:
+        """An int or a list of ``axes`` ints, each in [lo, hi]."""
+        if _is_int(value):
+            value = (value,) * axes[-1]
+        elif not isinstance(value, (list, tuple)) or len(value) not in axes:
+            self.fail(key, f"must be an integer or {' or '.join(map(str, axes))} integers, got {value!r}", index)
+        return tuple(self.integer(key, v, lo, hi, index) for v in value)
 
     def int_list(self, key: str, lo_len: int, hi_len: int) -> list:
         value = self.value(key)
@@ -149,13 +159,15 @@ def check_model_config(config: Mapping, source: str, names: Mapping[str, str] | 
     """
     if not isinstance(config, Mapping):
         raise ConfigError(f"{source}: the model config is a {type(config).__name__}, not a mapping of settings")
-    defaults = _defaults()
+    video = "num_frames" in config
+    network = VideoSwinTransformerV2 if video else SwinTransformerV2
+    defaults = _defaults(network)
     config = {k: v for k, v in config.items() if k not in RUNTIME_ONLY}
     unknown = sorted(str(k) for k in config if k not in defaults)
     if unknown:
         raise ConfigError(
             f"{source}: unknown model setting{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown[:5]))} "
-            "(not a SwinTransformerV2 argument; written by another version of swinv2?)"
+            f"(not a {network.__name__} argument; written by another version of swinv2?)"
         )
     full = {**defaults, **config}
     c = _Checker(full, source, names or {})
@@ -172,13 +184,20 @@ def check_model_config(config: Mapping, source: str, names: Mapping[str, str] | 
         if dim % h:
             c.fail("num_heads", f"= {h} does not divide stage {i}'s width {dim}", i)
     img = c.pair("img_size", full["img_size"], 1, MAX_IMG_SIDE)
-    patch = c.pair("patch_size", full["patch_size"], 1, min(img))
-    if img[0] % patch[0] or img[1] % patch[1]:
-        c.fail("img_size", f"{list(img)} is not a multiple of the patch size {list(patch)}")
-    c.pair("window_size", full["window_size"], 1, max(img))
+    if video:  # clips are padded to whole patches; sides are (time, height, width)
+        frames = c.integer("num_frames", full["num_frames"], 1, MAX_FRAMES)
+        c.sides("patch_size", full["patch_size"], 1, min(img), axes=(3,))
+        c.sides("window_size", full["window_size"], 1, max(max(img), frames), axes=(3,))
+        if full["pretrained_window_sizes"] is None:
+            full["pretrained_window_sizes"] = [0] * stages
+    else:
+        patch = c.pair("patch_size", full["patch_size"], 1, min(img))
+        if img[0] % patch[0] or img[1] % patch[1]:
+            c.fail("img_size", f"{list(img)} is not a multiple of the patch size {list(patch)}")
+        c.pair("window_size", full["window_size"], 1, max(img))
     pretrained = c.int_list("pretrained_window_sizes", stages, stages)
     for i, p in enumerate(pretrained):
-        c.pair("pretrained_window_sizes", p, 0, MAX_IMG_SIDE, i)
+        c.sides("pretrained_window_sizes", p, 0, MAX_IMG_SIDE, i, axes=(2, 3) if video else (2,))
     c.number("mlp_ratio", 0.0, MAX_MLP_RATIO, lo_open=True)
     c.integer("num_classes", full["num_classes"], 0, MAX_CLASSES)
     c.integer("in_chans", full["in_chans"], 1, MAX_CHANNELS)
@@ -187,11 +206,13 @@ def check_model_config(config: Mapping, source: str, names: Mapping[str, str] | 
     for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
         c.number(key, 0.0, 1.0, hi_open=True)
     for key in ("qkv_bias", "ape", "patch_norm", "use_checkpoint", "fused_window_process"):
-        c.boolean(key)
+        if key in full:
+            c.boolean(key)
     for key, allowed in (("norm_placement", NORM_PLACEMENTS), ("attn_type", ATTN_TYPES),
-                         ("position_bias", POSITION_BIASES), ("window_rule", WINDOW_RULES),
+                         ("position_bias", POSITION_BIASES), ("window_rule", () if video else WINDOW_RULES),
                          ("global_pool", GLOBAL_POOLS), ("merge_norm", MERGE_NORMS)):
-        c.choice(key, allowed)
+        if allowed:
+            c.choice(key, allowed)
     c.stages("grad_checkpointing", stages)
     c.stages("sequential_attention", stages, values=True)
     c.optional_budget("sequential_attention_budget_mb", allow_zero=False)
@@ -206,18 +227,23 @@ def check_model_config(config: Mapping, source: str, names: Mapping[str, str] | 
 
 
 def parameter_count(config: Mapping) -> int:
-    """The parameter count of ``SwinTransformerV2(**config)``, from the numbers alone."""
+    """The parameter count of ``SwinTransformerV2(**config)`` (or of the video network, for a
+    config with ``num_frames``), from the numbers alone."""
     return count_params_analytic(dict(config))
 
 
 def count_params_analytic(config: dict) -> int:
     """Parameter count of ``SwinTransformerV2(**config)`` from the architecture numbers
     (default switches: res-post-norm, cosine attention, log-CPB; V1 tables and the others
-    are handled too). The one formula: the memory estimate (:mod:`swinv2.memory`) uses it too."""
+    are handled too); of ``VideoSwinTransformerV2(**config)`` for a config with ``num_frames``
+    (a 3D patch, 3 position-bias inputs, 3D tables). The one formula: the memory estimate
+    (:mod:`swinv2.memory`) uses it too."""
     C, depths, heads = config["embed_dim"], config["depths"], config["num_heads"]
-    ph, pw = to_2tuple(config.get("patch_size", 4))
+    video = "num_frames" in config
+    patch = to_3tuple(config.get("patch_size", (2, 4, 4))) if video else to_2tuple(config.get("patch_size", 4))
     in_chans = config.get("in_chans", 3)
-    total = C * in_chans * ph * pw + C + (2 * C if config.get("patch_norm", True) else 0)
+    total = C * in_chans * math.prod(patch) + C + (2 * C if config.get("patch_norm", True) else 0)
+    ph, pw = patch[-2:]
     if config.get("ape"):
         ih, iw = to_2tuple(config["img_size"])
         total += (ih // ph) * (iw // pw) * C
@@ -234,10 +260,9 @@ def count_params_analytic(config: dict) -> int:
         if config.get("attn_type", "cosine") == "cosine":
             block += nH
         if bias in ("log_cpb", "linear_cpb"):
-            block += 2 * hidden_cpb + hidden_cpb + hidden_cpb * nH
+            block += len(patch) * hidden_cpb + hidden_cpb + hidden_cpb * nH
         elif bias == "table":
-            wh, ww = windows[i]
-            block += (2 * wh - 1) * (2 * ww - 1) * nH
+            block += math.prod(2 * w - 1 for w in windows[i]) * nH
         if config.get("norm_placement", "res_post") == "sandwich":
             block += 4 * c
         total += depth * block
@@ -253,8 +278,12 @@ def count_params_analytic(config: dict) -> int:
     return total
 
 
-def stage_windows(config: Mapping) -> list[tuple[int, int]]:
-    """The window each stage uses at the config's image size (its rule applied to each map)."""
+def stage_windows(config: Mapping) -> list[tuple[int, ...]]:
+    """The window each stage uses at the config's image size (its rule applied to each map);
+    for a video config at its clip size, (time, height, width)."""
+    if "num_frames" in config:
+        with torch.device("meta"):  # allocates nothing; the network derives its own windows
+            return [w for w, _ in VideoSwinTransformerV2(**config).stage_windows()]
     ph, pw = to_2tuple(config.get("patch_size", 4))
     ih, iw = to_2tuple(config["img_size"])
     h, w = ih // ph, iw // pw

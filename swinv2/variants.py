@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .loading import StateDictMismatchError, build_model, load_pretrained
+from .loading import StateDictMismatchError, build_model, load_pretrained, network_class
 from .model import SwinTransformerV2
 from .reading import read_weights
+from .video import VideoSwinTransformerV2
 from .weights import get_pretrained
 
 try:  # the speedups are a package of their own: without it create_model builds the plain model
@@ -29,17 +30,19 @@ except ModuleNotFoundError as missing:
 
 @dataclass(frozen=True)
 class Variant:
-    """One architecture: the constructor arguments that define it, and a description."""
+    """One architecture: the constructor arguments that define it, and a description. A video
+    variant has ``num_frames`` (0 for images) and a (time, height, width) window."""
 
     embed_dim: int
     depths: tuple[int, ...]
     num_heads: tuple[int, ...]
     img_size: int
-    window_size: int
+    window_size: int | tuple[int, ...]
     pretrained_window_sizes: tuple[int, ...] = (0, 0, 0, 0)
     num_classes: int = 1000
     drop_path_rate: float = 0.2
     extra_norm_period: int = 0
+    num_frames: int = 0
     description: str = ""
     extra: Mapping = field(default_factory=dict)
 
@@ -49,7 +52,13 @@ class Variant:
         kw.update(kw.pop("extra"))
         if not kw["extra_norm_period"]:
             kw.pop("extra_norm_period")
+        if not kw["num_frames"]:
+            kw.pop("num_frames")
         return kw
+
+    @property
+    def is_video(self) -> bool:
+        return self.num_frames > 0
 
 
 _T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
@@ -57,6 +66,9 @@ _S = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
 _B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
 _L = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
 _FT = (12, 12, 12, 6)  # windows of the 192/w12 ImageNet-22k checkpoints, per stage
+_G = dict(embed_dim=512, depths=(2, 2, 42, 4), num_heads=(16, 32, 64, 128))
+# Video Swin V1 (torchvision's swin3d_*): pre-norm, dot-product attention, a learned bias table
+_V1 = dict(norm_placement="pre", attn_type="dot", position_bias="table", merge_norm="pre")
 
 VARIANTS: dict[str, Variant] = {
     "swinv2_debug": Variant(
@@ -101,11 +113,49 @@ VARIANTS: dict[str, Variant] = {
         extra_norm_period=6, description="SwinV2-H (paper §3.6): 658M, extra main-branch norm every 6 blocks",
     ),
     "swinv2_giant_window12_192": Variant(
-        embed_dim=512, depths=(2, 2, 42, 4), num_heads=(16, 32, 64, 128), img_size=192, window_size=12,
+        **_G, img_size=192, window_size=12,
         drop_path_rate=0.3, extra_norm_period=6,
         description="SwinV2-G (paper §3.6): 3.0B, extra main-branch norm every 6 blocks",
     ),
 }
+
+
+# Video: the paper's K400 setting is 8 frames with a 16x16x8 window at 256 px (then 20x20x8 at
+# 320 px); the temporal patch is not stated, and with Video Swin's 2 the 8-frame window covers
+# the clip's 4 token frames. Stochastic depth as Video Swin's K400 recipes (T 0.1, S 0.2, B 0.3).
+VARIANTS.update({
+    "video_swinv2_debug": Variant(
+        embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16), img_size=64, window_size=(2, 4, 4),
+        num_frames=8, num_classes=10, drop_path_rate=0.1,
+        description="tiny video test network: shifts in time and space at 8 x 64 px",
+    ),
+    "video_swinv2_tiny_window16_256": Variant(**_T, img_size=256, window_size=(8, 16, 16), num_frames=8,
+                                              num_classes=400, drop_path_rate=0.1, description="Video SwinV2-T, K400"),
+    "video_swinv2_small_window16_256": Variant(**_S, img_size=256, window_size=(8, 16, 16), num_frames=8,
+                                               num_classes=400, drop_path_rate=0.2,
+                                               description="Video SwinV2-S, K400"),
+    "video_swinv2_base_window16_256": Variant(**_B, img_size=256, window_size=(8, 16, 16), num_frames=8,
+                                              num_classes=400, drop_path_rate=0.3, description="Video SwinV2-B, K400"),
+    "video_swinv2_large_window16_256": Variant(**_L, img_size=256, window_size=(8, 16, 16), num_frames=8,
+                                               num_classes=400, drop_path_rate=0.3,
+                                               description="Video SwinV2-L, K400"),
+    "video_swinv2_giant_window16_256": Variant(
+        **_G, img_size=256, window_size=(8, 16, 16), num_frames=8, num_classes=400, drop_path_rate=0.3,
+        extra_norm_period=6, description="Video SwinV2-G (paper appendix A2.2, stage 1 of K400; 86.8 top-1)",
+    ),
+    "video_swin_tiny_patch244_window877": Variant(
+        **_T, img_size=224, window_size=(8, 7, 7), num_frames=32, num_classes=400, drop_path_rate=0.1, extra=_V1,
+        description="Video Swin V1-T (torchvision swin3d_t), K400",
+    ),
+    "video_swin_small_patch244_window877": Variant(
+        **_S, img_size=224, window_size=(8, 7, 7), num_frames=32, num_classes=400, drop_path_rate=0.2, extra=_V1,
+        description="Video Swin V1-S (torchvision swin3d_s), K400",
+    ),
+    "video_swin_base_patch244_window877": Variant(
+        **_B, img_size=224, window_size=(8, 7, 7), num_frames=32, num_classes=400, drop_path_rate=0.3, extra=_V1,
+        description="Video Swin V1-B (torchvision swin3d_b), K400",
+    ),
+})
 
 
 def list_models(pattern: str | None = None) -> list[str]:
@@ -199,11 +249,12 @@ def _create(name, pretrained, device, **overrides) -> SwinTransformerV2:
     return model
 
 
-def _build(kwargs: dict, device) -> SwinTransformerV2:
+def _build(kwargs: dict, device) -> SwinTransformerV2 | VideoSwinTransformerV2:
+    network = network_class(kwargs)
     if device is None:
-        return SwinTransformerV2(**kwargs)
+        return network(**kwargs)
     with torch.device(device):
-        return SwinTransformerV2(**kwargs)
+        return network(**kwargs)
 
 
 def _structure(config: Mapping) -> tuple:
@@ -229,6 +280,7 @@ def variant_table() -> list[dict]:
                 params_m=count_parameters(model) / 1e6,
                 gflops=model.flops() / 1e9,
                 img_size=v.img_size,
+                num_frames=v.num_frames,
                 window=v.window_size,
                 pretrained_windows=v.pretrained_window_sizes,
                 num_classes=v.num_classes,

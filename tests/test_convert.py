@@ -210,6 +210,7 @@ NOT_STORED = {
     "timm": DERIVED_BUFFERS,
     "hf": DERIVED_BUFFERS,
     "torchvision": ("attn_mask",),
+    "torchvision_video": (),
     "mmpretrain": ("attn_mask",),
 }
 

@@ -10,7 +10,7 @@ import sys
 import torch
 
 from .. import bench, hub
-from ..variants import count_parameters, create_model, list_models, variant_table
+from ..variants import count_parameters, create_model, get_variant, list_models, variant_table
 from ..weights import get_pretrained, list_pretrained
 from .common import check_model_size, parse_size, positive_int, size_overrides, window_arg
 
@@ -44,18 +44,23 @@ def cmd_list(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    header = f"{'name':<36} {'params':>9} {'GFLOPs':>8} {'image':>6} {'window':>6}  {'pretrained windows':<18} classes"
+    header = f"{'name':<36} {'params':>9} {'GFLOPs':>8} {'image':>6} {'window':>8}  {'pretrained windows':<18} classes"
     print(header)
     print("-" * len(header))
     for r in rows:
         pws = ",".join(map(str, r["pretrained_windows"])) if any(r["pretrained_windows"]) else "-"
         params = f"{r['params_m']:.2f}M" if r["params_m"] < 1000 else f"{r['params_m'] / 1000:.2f}B"
-        print(f"{r['name']:<36} {params:>9} {r['gflops']:>8.2f} {r['img_size']:>6} {r['window']:>6}  "
+        window = "x".join(map(str, r["window"])) if isinstance(r["window"], (tuple, list)) else r["window"]
+        image = f"{r['num_frames']}x{r['img_size']}" if r.get("num_frames") else r["img_size"]
+        print(f"{r['name']:<36} {params:>9} {r['gflops']:>8.2f} {image:>6} {window:>8}  "
               f"{pws:<18} {r['num_classes']}")
     return 0
 
 
 def cmd_forward(args) -> int:
+    if get_variant(args.model).is_video:
+        raise ValueError(f"forward times image models; {args.model} is a video model (its cost: swinv2 list "
+                         f"{args.model}; its memory: swinv2 memory --model {args.model})")
     model = create_model(args.model, **size_overrides(window=args.window)).eval()
     size = args.img_size or model.img_size
     check_model_size(model, size)

@@ -13,6 +13,7 @@ swinv2          this library: official names, no buffers
 timm            ``timm.models.swin_transformer_v2.SwinTransformerV2``
 hf              transformers ``Swinv2ForImageClassification`` (also MIM / bare model)
 torchvision     ``torchvision.models.swin_v2_*``
+torchvision_video  ``torchvision.models.video.swin3d_*`` (Video Swin V1), into the video model
 mmpretrain      mmpretrain ``ImageClassifier`` + ``SwinTransformerV2`` backbone
 ==============  ==========================================================================
 """
@@ -24,7 +25,7 @@ from types import SimpleNamespace
 
 import torch
 
-from . import hf, mmpretrain, official, timm, torchvision
+from . import hf, mmpretrain, official, timm, torchvision, torchvision_video
 from ._table import DERIVED_BUFFERS, ConversionError, Notes, UnknownFormatError
 from .detect import detect_format
 
@@ -35,6 +36,7 @@ FORMATS = {
     "timm": timm,
     "hf": hf,
     "torchvision": torchvision,
+    "torchvision_video": torchvision_video,
     "mmpretrain": mmpretrain,
 }
 

@@ -16,7 +16,8 @@ def detect_format(state_dict) -> str:
 
     - ``"hf"``: keys under ``swinv2.`` (or a bare ``Swinv2Model``'s ``embeddings.patch_embeddings.``),
     - ``"mmpretrain"``: ``backbone.`` / ``stages.`` keys with the attention under ``attn.w_msa.``,
-    - ``"torchvision"``: ``features.{n}.`` keys,
+    - ``"torchvision"``: ``features.{n}.`` keys; ``"torchvision_video"`` with ``patch_embed.`` beside
+      them (``swin3d_*``),
     - ``"simmim"``: official SimMIM pre-training, the encoder under ``encoder.`` (``decoder.0.*``,
       ``encoder.mask_token``),
     - ``"timm"``: official names but the merging one stage later (no ``layers.0.downsample``) or
@@ -46,7 +47,8 @@ def detect_format(state_dict) -> str:
     if any_key(lambda k: ".attn.w_msa." in k or k.startswith(("backbone.patch_embed.projection.", "backbone.stages."))):
         return "mmpretrain"
     if any_key(lambda k: re.match(r"features\.\d+\.", k)):
-        return "torchvision"
+        # the video network embeds outside ``features`` (the image one's stem is features.0)
+        return "torchvision_video" if any_key(lambda k: k.startswith("patch_embed.proj.")) else "torchvision"
     if any_key(lambda k: k.startswith("encoder.layers.") or k == "encoder.mask_token" or k.startswith("decoder.0.")):
         return "simmim"
     if any_key(lambda k: k.startswith(_OFFICIAL_ROOTS)):
@@ -58,7 +60,7 @@ def detect_format(state_dict) -> str:
         return "swinv2"
     raise UnknownFormatError(
         f"not a SwinV2 state dict in a known layout ({len(keys)} keys; e.g. {_samples(keys)}); "
-        "known: official, simmim, swinv2, timm, hf, torchvision, mmpretrain"
+        "known: official, simmim, swinv2, timm, hf, torchvision, torchvision_video, mmpretrain"
     )
 
 

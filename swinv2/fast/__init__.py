@@ -29,6 +29,7 @@ from torch import nn
 from ..blocks import SwinTransformerV2Block, SwinTransformerV2Stage
 from ..layers import DropPath, Mlp, WindowAttention
 from ..model import SwinTransformerV2
+from ..video import VideoSwinTransformerV2
 from . import allocator, native, onednn
 from .attention import FastWindowAttention
 from .blocks import DEFAULT_BATCH_CHUNK_MB, ChunkedDropPath, ChunkedStage, ChunkedSwinTransformerV2, FastBlock
@@ -51,6 +52,8 @@ def apply(model: nn.Module, *, onednn: bool = True, attention: bool = True, bias
     fast blocks (``blocks=True``)."""
     if native:  # False leaves other models that asked for the kernel with it
         _native_switch(True)
+    if isinstance(model, VideoSwinTransformerV2):
+        blocks = False  # the fast blocks' gather and chunks are written for images
     chunks = bool(batch_chunk_mb) and blocks
     for module in model.modules():
         kind = type(module)
