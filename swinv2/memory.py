@@ -8,6 +8,10 @@ appear) to find the peak. Only the transient ``workspace`` of one block's backwa
 fixed ``runtime`` overhead of torch's CPU kernels are calibrated constants, fitted to measured
 peak RSS (:func:`measure_training_memory`; the measurements are in benchmarks/).
 
+Images and videos share one count: a stage works on a token map of any number of axes
+((H', W') for images, (T', H', W') for clips) with the window that map uses, so tokens, padded
+tokens, window sizes and position-bias tables are products over the axes.
+
 ``swinv2 memory --model NAME ... [--measure]`` prints the breakdown, and with ``--measure`` runs
 real AdamW training steps in a subprocess and prints the measured peak beside the prediction.
 """
@@ -27,9 +31,13 @@ from contextlib import nullcontext
 import torch
 
 from .layers import DEFAULT_ATTENTION_BUDGET_MB, SCORE_TENSORS
+from .loading import network_class
 from .model import stage_spec
-from .model_config import count_params_analytic, stage_windows
-from .variants import create_model
+from .model_config import count_params_analytic, parameter_count
+from .variants import create_model, get_variant
+
+__all__ = ["MemoryEstimate", "block_saved_bytes", "count_params_analytic", "estimate_training_memory",
+           "measure_training_memory"]
 
 MiB = 2**20
 DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -95,15 +103,21 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _model_config(model_or_name, img_size, window) -> dict:
+def _model_config(model_or_name, img_size, window, num_frames=None) -> dict:
+    """The config of the network to estimate: the variant's or the model's, with the overrides."""
     if isinstance(model_or_name, str):
-        overrides = {}
-        if img_size is not None:
-            overrides["img_size"] = img_size
-        if window is not None:
-            overrides["window_size"] = window
-        return dict(create_model(model_or_name, device="meta", **overrides).config)
-    config = dict(model_or_name.config)
+        config = dict(create_model(model_or_name, device="meta").config)
+        label = repr(model_or_name)
+    else:
+        config = dict(model_or_name.config)
+        label = f"this {type(model_or_name).__name__}"
+    video = "num_frames" in config
+    if num_frames is not None:
+        if not video:
+            raise ValueError(f"num_frames is for video models; {label} is an image model")
+        config["num_frames"] = num_frames
+    if window is not None and not isinstance(window, int) and len(window) == 3 and not video:
+        raise ValueError(f"window {tuple(window)} has three sides (time, height, width); {label} is an image model")
     if img_size is not None:
         config["img_size"] = img_size
     if window is not None:
@@ -111,10 +125,19 @@ def _model_config(model_or_name, img_size, window) -> dict:
     return config
 
 
+def _stage_maps(config: dict) -> tuple[tuple[int, ...], list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """(patch, token map of each stage, window of each stage), from the network itself (built on
+    the meta device, so the geometry is the one forward uses): 2 axes for images, 3 for clips."""
+    with torch.device("meta"):
+        net = network_class(config)(**config)
+    config["window_size"] = list(net.window_size)  # as the model holds it: one side per axis
+    return tuple(net.patch_size), net.stage_resolutions(), [w for w, _ in net.stage_windows()]
+
+
 def estimate_training_memory(
     model_or_name,
     img_size: int | tuple[int, int] | None = None,
-    window: int | None = None,
+    window: int | tuple[int, ...] | None = None,
     batch_size: int = 1,
     dtype: str = "fp32",
     grad_checkpointing=None,
@@ -124,11 +147,14 @@ def estimate_training_memory(
     optimizer: str = "adamw",
     zero_world_size: int = 1,
     fsdp_world_size: int = 1,
+    num_frames: int | None = None,
 ) -> MemoryEstimate:
     """Estimated peak memory of one training step on one device.
 
-    ``model_or_name``: a variant name or a SwinTransformerV2 (its config, including its
-    checkpointing and sequential-attention settings, unless given here). ``dtype``: ``fp32``,
+    ``model_or_name``: a variant name, a SwinTransformerV2 or a VideoSwinTransformerV2 (its
+    config, including its checkpointing and sequential-attention settings, unless given here).
+    ``window``: an int, or per axis ((time,) height, width). ``num_frames``: a video model's clip
+    length (default: the model's); an image model takes none. ``dtype``: ``fp32``,
     or ``bf16`` / ``fp16`` autocast (fp32 weights, gradients and states; 2-byte activations).
     ``grad_checkpointing`` / ``sequential_attention``: False, True (all stages), stage list,
     or (sequential) a dict {stage: windows per chunk}. ``zero_world_size``: ZeRO-1 shards the
@@ -144,7 +170,7 @@ def estimate_training_memory(
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATES)}, got {optimizer!r}")
     if zero_world_size < 1 or fsdp_world_size < 1 or batch_size < 1:
         raise ValueError("batch_size, zero_world_size and fsdp_world_size must be at least 1")
-    config = _model_config(model_or_name, img_size, window)
+    config = _model_config(model_or_name, img_size, window, num_frames)
     n_stages = len(config["depths"])
     ckpt = stage_spec(config.get("grad_checkpointing") if grad_checkpointing is None else grad_checkpointing,
                        n_stages, "grad_checkpointing")
@@ -156,16 +182,15 @@ def estimate_training_memory(
 
     s = DTYPES[dtype]
     B = batch_size
-    n_params = count_params_analytic(config)
+    n_params = parameter_count(config)
     P = 4 * n_params
-    ph, pw = _pair(config.get("patch_size", 4))
-    ih, iw = _pair(config["img_size"])
-    h, w = ih // ph, iw // pw
+    patch, maps, windows = _stage_maps(config)
     C0 = config["embed_dim"]
-    windows = stage_windows(config)
 
-    # Embedding: the conv keeps the image (as a 2-byte copy under autocast), the LayerNorm its input.
-    embed = B * config.get("in_chans", 3) * ih * iw * s + B * h * w * C0 * s
+    # Embedding: the conv keeps the image or clip (whole patches; a 2-byte copy under autocast),
+    # the LayerNorm its input, the token map.
+    pixels = math.prod(r * p for r, p in zip(maps[0], patch))  # H*W, or T*H*W of the (padded) clip
+    embed = B * config.get("in_chans", 3) * pixels * s + B * math.prod(maps[0]) * C0 * s
     per_block: list[tuple[int, int, int, int, int]] = []  # (stage, saved, workspace, scores alive, grads)
     in_place = dtype == "fp32" and config.get("attn_type", "cosine") == "cosine"
     stage_acts, max_scores, masks = [], 0, 0
@@ -173,10 +198,10 @@ def estimate_training_memory(
     block_params = _block_param_bytes(config)
     for i, (depth, nH) in enumerate(zip(depths, heads)):
         c = C0 * 2**i
-        wh, ww = windows[i]
-        N = wh * ww
-        Hp, Wp = math.ceil(h / wh) * wh, math.ceil(w / ww) * ww
-        T, Tp = B * h * w, B * Hp * Wp
+        size, window = maps[i], windows[i]  # (H', W') or (T', H', W'), and the window the stage uses
+        N = math.prod(window)
+        padded_size = tuple(math.ceil(r / w) * w for r, w in zip(size, window))  # to whole windows
+        T, Tp = B * math.prod(size), B * math.prod(padded_size)
         n_windows = Tp // N
         S = n_windows * nH * N * N  # score elements of one batched attention call
         batched_tc = _WINDOW_TC_IN_PLACE if in_place else _WINDOW_TC
@@ -188,14 +213,14 @@ def estimate_training_memory(
             saved_scores = 0 if chunked else _SAVED_SCORES * S
         else:
             chunked, S_alive, window_tc, saved_scores = False, S, batched_tc, _SAVED_SCORES * S
-        cpb = (2 * wh - 1) * (2 * ww - 1) * config.get("cpb_hidden_dim", 512)
+        cpb = math.prod(2 * w - 1 for w in window) * config.get("cpb_hidden_dim", 512)  # MLP hidden layer
         rows = n_windows * nH * N if (in_place or not chunked) else 0  # q, k norms (recomputed in chunks)
         full = block_saved_bytes(T, Tp, c, rows, saved_scores, cpb, s, window_tc)
         # Cached fp32 masks of the stage (shifted blocks; with padding, unshifted ones too), one
-        # window's rows per window of an image: large for big windows (1536 px, w32: 576 MiB).
-        per_image = Hp * Wp // N
-        shifted = (h > wh or w > ww) and depth > 1
-        padded = (Hp, Wp) != (h, w)
+        # window's rows per window of an image (or clip): large for big windows (1536 px, w32: 576 MiB).
+        per_image = Tp // B // N
+        shifted = any(r > w for r, w in zip(size, window)) and depth > 1
+        padded = padded_size != size
         masks += 4 * per_image * N * N * (int(shifted or padded) + int(padded))
         # a block's backward: its gradient tensors, the score gradients and, with a mask, the
         # bias + mask term of the kernel (images share it: rows of one image, or of a chunk)
@@ -210,10 +235,9 @@ def estimate_training_memory(
         for _ in range(depth):
             per_block.append((i, saved, work, s * S_alive, block_params[i]))
         acts = depth * saved
-        if i < n_stages - 1:  # patch merging keeps its 4C input and its LayerNorm's 2C input
-            h2, w2 = math.ceil(h / 2), math.ceil(w / 2)
-            acts += s * (B * h2 * w2 * 4 * c + B * h2 * w2 * 2 * c)
-            h, w = h2, w2
+        if i < n_stages - 1:  # patch merging (spatial only) keeps its 4C input and its LayerNorm's 2C input
+            merged_tokens = B * math.prod(maps[i + 1])
+            acts += s * (merged_tokens * 4 * c + merged_tokens * 2 * c)
         stage_acts.append(acts)
     activations = embed + sum(stage_acts)
 
@@ -274,6 +298,7 @@ def estimate_training_memory(
         activations_per_stage=stage_acts, attention_scores=max_scores, workspace=max(b[2] for b in per_block),
         runtime=int(RUNTIME_MB[dtype] * MiB), peak=int(peak), breakdown=breakdown, num_params=n_params,
         case=dict(img_size=list(_pair(config["img_size"])), window=config["window_size"], batch_size=B, dtype=dtype,
+                  num_frames=config.get("num_frames"), token_maps=[list(m) for m in maps],
                   grad_checkpointing=sorted(ckpt), sequential_attention={k: v for k, v in seq.items()},
                   optimizer=optimizer, zero_world_size=zero_world_size, fsdp_world_size=fsdp_world_size),
     )
@@ -288,25 +313,29 @@ def block_saved_bytes(T: int, Tp: int, C: int, rows: int, scores: int, cpb: int,
 
 
 def _block_param_bytes(config: dict) -> list[int]:
-    """Parameters of one block of each stage (as a 1-block, 1-stage model's count difference)."""
+    """Parameters of one block of each stage (as a 1-block, 1-stage model's count difference;
+    image or video, whichever ``config`` describes)."""
     out = []
     for i in range(len(config["depths"])):
         one = dict(config, depths=[1 if j == i else 0 for j in range(len(config["depths"]))], extra_norm_period=0)
         none = dict(one, depths=[0] * len(config["depths"]))
-        out.append(count_params_analytic(one) - count_params_analytic(none))
+        out.append(parameter_count(one) - parameter_count(none))
     return out
 
 
 # -- measurement ---------------------------------------------------------------------------
 
 
-def measure_training_memory(model_name: str, img_size: int, window: int | None, batch_size: int, dtype: str,
-                            grad_checkpointing=None, sequential_attention=None, steps: int = 3) -> int:
+def measure_training_memory(model_name: str, img_size: int, window: int | tuple[int, ...] | None, batch_size: int,
+                            dtype: str, grad_checkpointing=None, sequential_attention=None, steps: int = 3,
+                            num_frames: int | None = None) -> int:
     """Peak RSS increase (bytes) of AdamW training steps, from before the model is built, in a
     fresh subprocess (so nothing else in this process counts). The peak is taken over the last
-    step, after optimizer states exist."""
+    step, after optimizer states exist. A video model trains on clips of ``num_frames`` frames
+    (default: the variant's)."""
     args = dict(model_name=model_name, img_size=img_size, window=window, batch_size=batch_size, dtype=dtype,
-                grad_checkpointing=grad_checkpointing, sequential_attention=sequential_attention, steps=steps)
+                grad_checkpointing=grad_checkpointing, sequential_attention=sequential_attention, steps=steps,
+                num_frames=num_frames)
     code = f"import json; from swinv2.memory import _measure; print(json.dumps(_measure(**{args!r})))"
     # A fixed mmap threshold makes glibc hand freed large blocks back at once (as in bench.py).
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -340,7 +369,12 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
-def _measure(model_name, img_size, window, batch_size, dtype, grad_checkpointing, sequential_attention, steps):
+def _measure(model_name, img_size, window, batch_size, dtype, grad_checkpointing, sequential_attention, steps,
+             num_frames=None):
+    video = get_variant(model_name).is_video
+    if num_frames is not None and not video:
+        raise ValueError(f"num_frames is for video models; {model_name!r} is an image model")
+    clip = dict(num_frames=num_frames or get_variant(model_name).num_frames) if video else {}
     kw = dict(drop_path_rate=0.0)
     if window:
         kw["window_size"] = window
@@ -359,18 +393,19 @@ def _measure(model_name, img_size, window, batch_size, dtype, grad_checkpointing
         opt.step()
 
     # Warm up torch's runtime (library code pages, kernel caches, thread pools: the same for any
-    # model) with the same network at a small size, so that the increase measured below is the
-    # training step's own memory.
-    small = create_model(model_name, img_size=64, **kw).train()
-    step(small, torch.optim.AdamW(small.parameters(), lr=1e-6), torch.randn(1, 3, 64, 64), torch.zeros(1).long())
-    del small
+    # model) with the same network at a small size (2 frames of a clip), so that the increase
+    # measured below is the training step's own memory.
+    small = create_model(model_name, img_size=64, **(dict(num_frames=2) if video else {}), **kw).train()
+    x = torch.randn((1, 3, 2, 64, 64) if video else (1, 3, 64, 64))
+    step(small, torch.optim.AdamW(small.parameters(), lr=1e-6), x, torch.zeros(1).long())
+    del small, x
     gc.collect()
     torch.manual_seed(0)
-    x = torch.randn(batch_size, 3, img_size, img_size)
+    x = torch.randn(batch_size, 3, *clip.values(), img_size, img_size)  # (B, 3, H, W) or (B, 3, T, H, W)
     y = torch.randint(0, 10, (batch_size,))
     trim_heap()
     base = rss_kb("VmRSS")
-    model = create_model(model_name, img_size=img_size, **kw).train()
+    model = create_model(model_name, img_size=img_size, **clip, **kw).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     for i in range(steps):
         if i == steps - 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -9,7 +10,7 @@ import torch
 
 from .. import bench, fileio, memory
 from ..train.distributed import check_device
-from ..variants import list_models
+from ..variants import get_variant, list_models
 from .common import non_negative_int, parse_side, positive_float, positive_int, window_arg
 
 try:  # a speedup of swinv2.fast, a package of its own: without it --malloc keep is unavailable
@@ -47,7 +48,10 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("memory", help="estimate (and optionally measure) training memory")
     p.add_argument("--model", default="swinv2_tiny_window8_256", metavar="NAME")
     p.add_argument("--img-size", type=parse_side, default=None)
-    p.add_argument("--window", type=window_arg, default=None)
+    p.add_argument("--window", type=_window_sides, default=None, metavar="N|TxHxW",
+                   help="window size; for a video model N or time x height x width")
+    p.add_argument("--frames", type=positive_int, default=None, metavar="T",
+                   help="clip length of a video model (default: the variant's)")
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--dtype", choices=sorted(memory.DTYPES), default="fp32", help="bf16/fp16: autocast")
     p.add_argument("--checkpointing", nargs="*", type=non_negative_int, default=None, metavar="STAGE",
@@ -106,17 +110,38 @@ def _allocator(malloc: str, device: str) -> str:
     return "not glibc: left as it is"
 
 
+def _window_sides(text: str) -> int | tuple[int, int, int]:
+    """``--window``: one side (N) for every axis, or a video window's time x height x width."""
+    parts = text.lower().split("x")
+    if len(parts) == 1:
+        return window_arg(text)
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected N or TxHxW (time x height x width), got {text!r}")
+    return tuple(window_arg(p) for p in parts)
+
+
 def cmd_memory(args) -> int:
     ckpt, seq = _stages(args.checkpointing), _stages(args.sequential)
+    video = get_variant(args.model).is_video
+    if args.frames is not None and not video:
+        raise ValueError(f"--frames is for video models; {args.model} is an image model")
+    if isinstance(args.window, tuple) and not video:
+        raise ValueError(f"--window {'x'.join(map(str, args.window))} has three sides (time x height x width); "
+                         f"{args.model} is an image model: give one number")
     settings = dict(img_size=args.img_size, window=args.window, batch_size=args.batch_size, dtype=args.dtype,
                     grad_checkpointing=ckpt, sequential_attention=seq, chunk_windows=args.chunk,
-                    memory_budget_mb=args.budget_mb, optimizer=args.optimizer)
+                    memory_budget_mb=args.budget_mb, optimizer=args.optimizer, num_frames=args.frames)
     est = memory.estimate_training_memory(args.model, **settings, zero_world_size=args.zero,
                                           fsdp_world_size=args.fsdp)
     chunks = f", {args.chunk} windows per chunk" if seq is not False and args.chunk else ""
-    print(f"{args.model}: {est.num_params / 1e6:.2f}M parameters, {est.case['img_size'][0]}px, "
-          f"window {est.case['window']}, batch {args.batch_size}, {args.dtype}, "
+    frames = f"{est.case['num_frames']} frames x " if video else ""
+    window = "x".join(map(str, est.case["window"]))
+    print(f"{args.model}: {est.num_params / 1e6:.2f}M parameters, {frames}{est.case['img_size'][0]}px, "
+          f"window {window}, batch {args.batch_size}, {args.dtype}, "
           f"checkpointing {ckpt or 'off'}, sequential attention {seq or 'off'}{chunks}")
+    if video:
+        maps = ", ".join("x".join(map(str, m)) for m in est.case["token_maps"])
+        print(f"token maps (T' x H' x W') per stage: {maps}")
     print(est.table())
     if args.measure:
         sharded = args.zero > 1 or args.fsdp > 1
@@ -124,7 +149,8 @@ def cmd_memory(args) -> int:
             print("--measure runs one process: the measured number is unsharded", file=sys.stderr)
             est = memory.estimate_training_memory(args.model, **settings)
         measured = memory.measure_training_memory(args.model, est.case["img_size"][0], args.window, args.batch_size,
-                                                  args.dtype, ckpt, est.case["sequential_attention"] or False)
+                                                  args.dtype, ckpt, est.case["sequential_attention"] or False,
+                                                  num_frames=args.frames)
         print(f"measured peak RSS increase: {measured / memory.MiB:.1f} MiB; predicted {est.peak / memory.MiB:.1f} "
               f"MiB ({(est.peak - measured) / measured:+.1%})")
     return 0
