@@ -263,10 +263,14 @@ BAD = {
     "eval_window": "0", "aux_weight": "-1", "short_sides": "0", "max_side": "0", "test_short_side": "0",
     "crop_size": "0", "base_size": "0", "ratio_range": "0", "eval_scales": "0", "fpn_channels": "0",
     "box_samples": "0", "decoder_channels": "1",
+    "extra_norm_period": "-1", "attn_type": "flash", "norm_placement": "post_ln", "position_bias": "rope",
+    "merge_norm": "mid", "temporal_window": "0", "frames": "0", "frame_interval": "0", "short_side": "0",
+    "test_clips": "0", "test_crops": "2",
 }
 NOT_NUMERIC = {"command", "task", "eval_mode", "eval_flip", "model", "checkpoint", "data", "val", "auto_augment",
                "device", "output", "resume", "deepspeed_config", "grad_checkpointing", "scale_lr", "compile",
-               "tensorboard", "progress", "amp", "scheduler", "sharding"}
+               "tensorboard", "progress", "amp", "scheduler", "sharding", "norm_placement", "attn_type",
+               "position_bias", "merge_norm", "video_root"}
 
 
 def test_every_numeric_field_has_a_range():

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 from .. import export, fileio, predict, reconstruct
+from ..data.video import VIDEO_EXTENSIONS
+from ..tasks import video_infer
 from ..tasks.dense import dense_task_of
 from ..tasks.dense_infer import predict_dense
 from ..train.distributed import check_device
@@ -38,7 +42,8 @@ def add_parsers(sub) -> None:
                    help="write the results here instead of stdout; detection and segmentation checkpoints: the "
                         "folder for the pictures (PNG) and predictions.json")
     p.add_argument("--window", type=window_arg, default=None,
-                   help="detection and segmentation: window at test time (default: the run's)")
+                   help="window at test time, e.g. larger than in training (Table 1: position biases are "
+                        "extrapolated, V1 tables resized bicubically; default: the weights')")
     p.add_argument("--score-threshold", type=fraction, default=0.5,
                    help="detection: draw and list objects scoring at least this (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
@@ -96,6 +101,8 @@ def cmd_predict(args) -> int:
     task = dense_task_of(args.checkpoint) if args.checkpoint else None
     if task:
         return _predict_dense(args, task, device)
+    if video_infer.is_video_checkpoint(args.checkpoint):
+        return _predict_video(args, device)
     if args.output:
         fileio.check_writable(args.output, "--output")  # before the model is built and the images read
     files = predict.find_images(args.paths)  # bad paths fail before the model is built or downloaded
@@ -103,11 +110,14 @@ def cmd_predict(args) -> int:
     if args.img_size:
         check_model_size(loaded.model, args.img_size)
         loaded.preprocess.img_size = args.img_size
+    if args.window:
+        loaded.model.set_input_size(window_size=args.window)  # keeps the weights; resizes V1 bias tables
     if loaded.random_weights:
         print(random_weights_warning(args.model), file=sys.stderr)
     net, pre = loaded.model.to(device), loaded.preprocess
     names = predict.class_names_for(net.num_classes, loaded.class_names, args.labels)
-    print(f"{loaded.source}: {net.num_classes} classes; {pre.describe()}; {len(files)} images", file=sys.stderr)
+    print(f"{loaded.source}: {net.num_classes} classes; {pre.describe()}; window {net.window_size[0]}; {len(files)} "
+          "images", file=sys.stderr)
     rows = predict.predict(net, files, transform=pre.transform(), class_names=names, topk=args.topk,
                            batch_size=args.batch_size, progress=not args.quiet)
     text = predict.format_rows(rows, args.format)
@@ -118,6 +128,39 @@ def cmd_predict(args) -> int:
     failed = sum(not r["ok"] for r in rows)
     if failed:
         print(f"swinv2: {failed} of {len(rows)} images could not be read", file=sys.stderr)
+    return 1 if failed == len(rows) else 0
+
+
+def _predict_video(args, device) -> int:
+    """Top classes of clips (files, or folders searched for clips), every view averaged."""
+    require("predict", "av")
+    clips = []
+    for path in args.paths:
+        p = Path(path)
+        if p.is_dir():
+            clips += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in VIDEO_EXTENSIONS and f.is_file())
+        elif p.exists():
+            clips.append(path)
+        else:
+            raise FileNotFoundError(f"no such clip or folder: {path}")
+    if not clips:
+        raise ValueError(f"no clips ({', '.join(VIDEO_EXTENSIONS)}) in {', '.join(args.paths)}")
+    if args.output:
+        fileio.check_writable(args.output, "--output")
+    rows = video_infer.predict_clips(args.checkpoint, clips, topk=args.topk, window=args.window, device=str(device))
+    if args.format == "json":
+        text = json.dumps(rows, indent=1) + "\n"
+    else:
+        text = "".join(f"{r['clip']}: could not be read: {r['error']}\n" if "error" in r else
+                       f"{r['clip']}: " + ", ".join(f"{t['name']} {t['prob']:.3f}" for t in r["top"]) + "\n"
+                       for r in rows)
+    if args.output:
+        fileio.write_bytes(args.output, text.encode("utf-8"))
+    else:
+        sys.stdout.write(text)
+    failed = sum("error" in r for r in rows)
+    if failed:
+        print(f"swinv2: {failed} of {len(rows)} clips could not be read", file=sys.stderr)
     return 1 if failed == len(rows) else 0
 
 

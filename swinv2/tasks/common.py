@@ -17,7 +17,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .. import fileio
 from ..hub import save_pretrained
-from ..model import SwinTransformerV2
+from ..loading import network_class
 from ..train import checkpoint as ckpt
 from ..train.config import TrainConfig, write_config
 from ..train.distributed import Dist, all_reduce_sum, setup, teardown, unwrap
@@ -227,8 +227,13 @@ def _holds_a_run(out: Path) -> FileExistsError:
     )
 
 
+# Config fields that are constructor keywords of the same name and change the architecture.
+ARCH_SWITCHES = ("norm_placement", "attn_type", "position_bias", "extra_norm_period", "merge_norm")
+
+
 def model_overrides(cfg: TrainConfig, **fixed) -> dict:
-    """Constructor overrides a run config asks for (size, window, stochastic depth, memory)."""
+    """Constructor overrides a run config asks for (size, window, stochastic depth, memory, and
+    the paper's ablation switches)."""
     out = dict(fixed)
     if cfg.img_size:
         out["img_size"] = cfg.img_size
@@ -238,7 +243,15 @@ def model_overrides(cfg: TrainConfig, **fixed) -> dict:
         out["drop_path_rate"] = cfg.drop_path
     if cfg.sequential_attention:
         out["sequential_attention"] = list(cfg.sequential_attention)
+    out.update(architecture_switches(cfg))
     return out
+
+
+def architecture_switches(cfg: TrainConfig) -> dict:
+    """The paper's ablation switches the config sets (``norm_placement``, ``attn_type``,
+    ``position_bias``, ``extra_norm_period``, ``merge_norm``), as constructor keywords; the
+    ones left at None keep the variant's (or the checkpoint's) value."""
+    return {name: getattr(cfg, name) for name in ARCH_SWITCHES if getattr(cfg, name) is not None}
 
 
 def run_loop(cfg: TrainConfig, env: Dist, wrapped: nn.Module, optimizer, loop, state: dict | None,
@@ -339,12 +352,13 @@ def evaluate_classifier(model: nn.Module, loader, env: Dist, cfg: TrainConfig, n
     return dict(top1=float(sums[0]) / n, top5=float(sums[1]) / n, loss=float(sums[2]) / n, images=int(sums[3]))
 
 
-def model_saver(cfg: TrainConfig, class_names: list[str] | None):
+def model_saver(cfg: TrainConfig, class_names: list[str] | None, extra: dict | None = None):
     """Writes ``model-*.safetensors`` files that ``create_model(pretrained=...)`` and
-    ``swinv2 predict`` read alone: weights, architecture, class names and eval crop policy."""
+    ``swinv2 predict`` read alone: weights, architecture, class names and eval crop policy;
+    ``extra``: more metadata entries (a video run's clip sampling), each stored as JSON."""
 
     def save(state: dict, path: str, info: dict) -> None:
-        model = SwinTransformerV2(**state["model_config"])
+        model = network_class(state["model_config"])(**state["model_config"])
         model.load_state_dict(state["model"])
         meta = {
             "class_names": json.dumps(class_names) if class_names else "",
@@ -352,6 +366,7 @@ def model_saver(cfg: TrainConfig, class_names: list[str] | None):
                                           crop_mode="center" if cfg.crop_pct < 1 else "squash",
                                           interpolation="bicubic")),
             "train_info": json.dumps(info),
+            **{key: json.dumps(value) for key, value in (extra or {}).items()},
         }
         save_pretrained(model, path, metadata=meta)  # atomic; a failed write is a one-line WriteError
 

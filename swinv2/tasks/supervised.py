@@ -16,15 +16,17 @@ from ..data import loader as L
 from ..data import mixup as M
 from ..data.transforms import eval_transform, train_transform
 from ..hf_folder import hf_stage_windows
-from ..loading import load_pretrained
+from ..loading import load_pretrained, network_class
 from ..model import SwinTransformerV2
 from ..reading import read_weights
-from ..train.config import TrainConfig
+from ..train.config import TrainConfig, flag
 from ..train.distributed import Dist, unwrap, wrap_model
 from ..train.engine import Loop
 from ..train.optim import build_optimizer, param_groups
 from ..variants import create_model, get_variant
+from ..video import VideoSwinTransformerV2
 from .common import (
+    ARCH_SWITCHES,
     evaluate_classifier,
     in_process_group,
     make_ema,
@@ -78,13 +80,36 @@ def network_from_checkpoint(cfg: TrainConfig, overrides: dict, head: str) -> tup
     """``cfg.model`` built with ``overrides`` and started from ``cfg.checkpoint`` (``head`` as
     :func:`~swinv2.load_pretrained` takes it), and the load report. The windows the checkpoint
     was trained with become ``pretrained_window_sizes`` unless the config names them, so the
-    log-spaced position bias transfers to the new window."""
+    log-spaced position bias transfers to the new window (an image checkpoint's windows are the
+    spatial ones of a video model it inflates into)."""
     weights = read_weights(cfg.checkpoint, arch=cfg.model)  # a training checkpoint gives its 'model'
     windows = cfg.pretrained_windows or checkpoint_windows(weights)
     if windows is not None:
         overrides = {**overrides, "pretrained_window_sizes": list(windows)}
-    model = create_model(cfg.model, **overrides)
-    return model, str(load_pretrained(model, weights, head=head))
+    switches = checkpoint_switches(cfg, weights.config)
+    model = create_model(cfg.model, **{**overrides, **switches})
+    report = str(load_pretrained(model, weights, head=head))
+    adopted = ", ".join(f"{k}={v}" for k, v in switches.items() if getattr(cfg, k) is None)
+    return model, report + (f"\nnote: architecture switches of the checkpoint: {adopted}" if adopted else "")
+
+
+def checkpoint_switches(cfg: TrainConfig, saved: dict | None) -> dict:
+    """The ablation switches (``--norm-placement`` ...) a checkpoint's stored model config was
+    built with: adopted where the config leaves them unset, since the weights only fit that
+    architecture (a pre-norm checkpoint even loads silently into a res-post-norm model, the
+    parameter names being the same). One set to another value is a ValueError. A checkpoint
+    without a model config (official, timm ...) gives none: the flags and the variant decide."""
+    out = {}
+    for name in ARCH_SWITCHES:
+        if not saved or name not in saved:
+            continue
+        asked = getattr(cfg, name)
+        if asked is not None and asked != saved[name]:
+            raise ValueError(f"--checkpoint {cfg.checkpoint} holds a model with {name} {saved[name]!r}, not the "
+                             f"{flag(name)} {asked} asked: its weights only fit their own architecture (leave "
+                             f"{flag(name)} out to fine-tune it as it is)")
+        out[name] = saved[name]
+    return out
 
 
 def checkpoint_windows(source) -> list[int] | None:
@@ -102,7 +127,9 @@ def checkpoint_windows(source) -> list[int] | None:
         return [w for w, _ in hf_stage_windows(weights.hf_config)]
     if weights.config is not None:  # checked by the reader before this builds anything
         with torch.device("meta"):
-            model = SwinTransformerV2(**weights.config)
+            model = network_class(weights.config)(**weights.config)
+        if isinstance(model, VideoSwinTransformerV2):  # (time, height, width) per stage
+            return [list(w) for w, _ in model.stage_windows()]
         size = (weights.run_config or {}).get("img_size") or model.img_size
         return [w[0] for w, _ in model.stage_windows(size)]
     windows = {}

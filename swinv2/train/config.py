@@ -22,14 +22,21 @@ SHARDING = ("none", "zero1", "fsdp", "deepspeed")
 COMMANDS = ("train", "finetune", "pretrain")
 # What the network predicts. Dense tasks train a SwinV2 backbone inside torchvision's Mask R-CNN
 # (detection: boxes and instance masks) or inside UPerNet (segmentation: a class per pixel).
-TASKS = ("classification", "detection", "segmentation")
+TASKS = ("classification", "detection", "segmentation", "video")
 DENSE_TASKS = ("detection", "segmentation")
 SEG_EVAL_MODES = ("whole", "slide")
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+# The paper's ablation switches (the model's keyword-only arguments of the same names; the
+# values mirror swinv2.layers and swinv2.model, kept here so that reading a config needs no torch).
+NORM_PLACEMENTS = ("res_post", "pre", "post", "sandwich")
+ATTN_TYPES = ("cosine", "dot")
+POSITION_BIASES = ("log_cpb", "linear_cpb", "table", "none")
+MERGE_NORMS = ("post", "pre")
 # The largest image side (and window) any command accepts. The paper's largest input is 1536 px
 # (SwinV2-G); at 8192 px one image's first-stage activations already take gigabytes, and a slip
 # such as 100000 would otherwise end as an out-of-memory failure deep inside an image resize.
 MAX_IMG_SIZE = 8192
+MAX_FRAMES = 4096  # frames per clip
 
 
 # The sections a field belongs to, in the order ``swinv2 train --help`` shows them.
@@ -70,11 +77,23 @@ class TrainConfig:
     command: str = _f("model", "train", "train (from scratch), finetune (from --checkpoint) or pretrain (SimMIM)",
                       choices=COMMANDS)
     task: str = _f("model", "classification", "classification, detection (Mask R-CNN with FPN, COCO layout) or "
-                                              "segmentation (UPerNet, ADE20K layout)", choices=TASKS)
+                                              "segmentation (UPerNet, ADE20K layout) or video (clip classification)",
+                  choices=TASKS)
     model: str = _f("model", "swinv2_debug", "variant name (see `swinv2 list`)")
     img_size: int | None = _f("model", None, "training resolution (default: the variant's)", ge=1, le=MAX_IMG_SIZE)
     window: int | None = _f("model", None, "window size (default: the variant's)", ge=1, le=MAX_IMG_SIZE)
     drop_path: float | None = _f("model", None, "stochastic depth rate (default: the variant's)", ge=0, lt=1)
+    norm_placement: str | None = _f("model", None, "ablation (Table 6/7): res_post (V2), pre (V1), post or sandwich "
+                                                   "(default: the variant's)", choices=NORM_PLACEMENTS)
+    attn_type: str | None = _f("model", None, "ablation (Table 6): cosine (V2 scaled cosine) or dot (V1) (default: the "
+                                              "variant's)", choices=ATTN_TYPES)
+    position_bias: str | None = _f("model", None, "ablation (Table 1): log_cpb (V2), linear_cpb, table (V1, resized "
+                                                  "bicubically) or none (default: the variant's)",
+                                   choices=POSITION_BIASES)
+    extra_norm_period: int | None = _f("model", None, "a LayerNorm on the main branch after every N-th block of a "
+                                                      "stage, 0 for none (default: the variant's)", ge=0)
+    merge_norm: str | None = _f("model", None, "patch merging's LayerNorm: post (V2) or pre (V1) (default: the "
+                                               "variant's)", choices=MERGE_NORMS)
     checkpoint: str | None = _f("model", None, "weights to start from (finetune): any format load_pretrained reads")
     pretrained_windows: list[int] | None = _f(
         "model", None, "pretrained_window_sizes per stage (finetune default: the checkpoint's training window)",
@@ -84,6 +103,9 @@ class TrainConfig:
     sequential_attention: list[int] | None = _f(
         "model", None, "stages whose window attention runs in chunks of windows (memory; paper: 0 1 at 1536px)", ge=0
     )
+    temporal_window: int | None = _f("model", None, "video: window size in time, in token frames (default: the "
+                                                    "variant's; --window sets height and width)", ge=1,
+                                     le=MAX_IMG_SIZE)
     frozen_stages: int = _f("model", -1, "dense tasks: freeze the patch embedding (0) and the first N stages (N); "
                                          "-1 freezes nothing", ge=-1)
     eval_window: int | None = _f("model", None, "dense tasks: window for validation, e.g. 32 after training at 16 "
@@ -118,6 +140,19 @@ class TrainConfig:
     mask_patch: int = _f("data", 32, "pretrain: mask patch size in pixels", ge=1, le=MAX_IMG_SIZE)
     norm_target_window: int | None = _f("data", 47, "pretrain: local target normalisation window, odd (None: off)",
                                         ge=3, le=MAX_IMG_SIZE)
+    frames: int | None = _f("data", None, "video: frames per clip (default: the variant's num_frames)", ge=1,
+                            le=MAX_FRAMES)
+    frame_interval: int = _f("data", 2, "video: take every N-th frame (Video Swin: 32 frames at interval 2)", ge=1,
+                             le=MAX_FRAMES)
+    video_root: str | None = _f("data", None, "video: folder holding the clips when --data/--val are Kinetics "
+                                              "annotation CSVs (default: the CSV's folder)")
+    short_side: int | None = _f("data", None, "video: frames are resized to this short side before cropping "
+                                              "(default: --img-size x 8/7, Video Swin's 256 for 224)",
+                                ge=1, le=MAX_IMG_SIZE)
+    test_clips: int = _f("data", 1, "video validation and eval: clips per video, evenly spread (Video Swin: 4)",
+                         ge=1, le=64)
+    test_crops: int = _f("data", 1, "video validation and eval: 1 centre crop or 3 crops along the long side "
+                                    "(Video Swin: 3)", ge=1, le=3)
     short_sides: list[int] | None = _f(
         "data", None, "detection: training short sides, one drawn per batch (multi-scale); default 480 512 ... 800, "
                       "or --img-size", ge=1, le=MAX_IMG_SIZE)
@@ -202,6 +237,8 @@ class TrainConfig:
             raise ConfigError("ratio_range", "needs two values, low <= high", list(self.ratio_range))
         if not self.eval_scales:
             raise ConfigError("eval_scales", "needs at least one scale", list(self.eval_scales))
+        if self.test_crops not in (1, 3):
+            raise ConfigError("test_crops", "must be 1 (centre) or 3 (along the long side)", self.test_crops)
         if self.short_sides is not None and not self.short_sides:
             raise ConfigError("short_sides", "needs at least one side", list(self.short_sides))
         if self.command == "pretrain" and self.task != "classification":
