@@ -67,8 +67,15 @@ def test_recipe_parses_and_builds_its_model(name):
     overrides = {}
     if cfg.img_size:
         overrides["img_size"] = cfg.img_size
-    if cfg.window:
-        overrides["window_size"] = cfg.window
+    video = cfg.task == "video"
+    if cfg.window or cfg.temporal_window:
+        window = list(swinv2.variants.get_variant(cfg.model).window_size) if video else [cfg.window] * 2
+        window[-2:] = [cfg.window or window[-1]] * 2
+        if cfg.temporal_window:
+            window[0] = cfg.temporal_window
+        overrides["window_size"] = window
+    if video and cfg.frames:
+        overrides["num_frames"] = cfg.frames
     if cfg.drop_path is not None:
         overrides["drop_path_rate"] = cfg.drop_path
     if cfg.pretrained_windows:
@@ -79,7 +86,7 @@ def test_recipe_parses_and_builds_its_model(name):
         model = swinv2.create_model(cfg.model, **overrides)
     size = cfg.img_size or model.img_size[0]
     assert model.img_size[0] == size
-    assert model.flops(size) > 0
+    assert (model.flops(img_size=size) if video else model.flops(size)) > 0
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))

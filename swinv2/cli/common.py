@@ -26,6 +26,7 @@ OPTIONAL = {
     "pycocotools": ("pycocotools", "dense"),
     "faster_coco_eval": ("faster-coco-eval", "dense"),
     "skimage": ("scikit-image", "dense"),
+    "av": ("PyAV", "video"),
 }
 
 

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from ..tasks import dense_infer, dense_train, evaluate, pretrain, supervised
+from ..tasks import dense_infer, dense_train, evaluate, pretrain, supervised, video, video_infer
 from ..tasks.checks import check_run
 from ..tasks.common import recipe_path
 from ..tasks.dense import dense_task_of
@@ -37,6 +37,9 @@ DIGITS = "for the bundled digits used without --data"
 # general recipe (AdamW and the paper's schedule, no starting weights).
 DENSE_RECIPES = {"detection": ("detection_demo", "detection"), "segmentation": ("segmentation_demo", "segmentation")}
 DEMO = "for the bundled demo images used without --data"
+# Video without --config: the bundled moving-digits demo without --data, else the general recipe.
+VIDEO_RECIPES = ("video_demo", "video")
+VIDEO_DEMO = "for the bundled video demo used without --data"
 # What each dense task needs beyond the core install (the dense extra).
 DENSE_NEEDS = {"detection": ("torchmetrics", "pycocotools"), "segmentation": ("torchmetrics",)}
 
@@ -66,6 +69,15 @@ def add_parsers(sub) -> None:
                    help="what the checkpoint predicts (default: what it says; dense checkpoints say so)")
     p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5 as fractions, ...; "
                    "detection: bbox_AP, bbox_AP50, segm_AP, segm_AP50, ...; segmentation: mIoU, mAcc, aAcc)")
+    p.add_argument("--frames", type=positive_int, default=None, help="video: frames per clip (default: the run's)")
+    p.add_argument("--frame-interval", type=positive_int, default=None,
+                   help="video: take every N-th frame (default: the run's)")
+    p.add_argument("--clips", type=positive_int, default=None,
+                   help="video: clips per video, evenly spread, scores averaged (default: the run's; Video Swin 4)")
+    p.add_argument("--crops", type=int, choices=(1, 3), default=None,
+                   help="video: 1 centre crop or 3 along the long side (default: the run's; Video Swin 3)")
+    p.add_argument("--video-root", default=None,
+                   help="video: folder of the clips when --data is a Kinetics CSV (default: the CSV's folder)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -120,6 +132,8 @@ def cmd_task(args) -> int:
     dense = getattr(args, "task", None) in DENSE_TASKS
     if dense:
         return _dense_task(args)
+    if getattr(args, "task", None) == "video":
+        return _video_task(args)
     # Recipes and the run's config.yaml are YAML; supervised augmentation and mixup are timm's;
     # pre-training draws a reconstruction picture (matplotlib) at the end of every epoch.
     require(task, "yaml", "matplotlib" if task == "pretrain" else "timm")
@@ -138,6 +152,8 @@ def cmd_task(args) -> int:
     check_run(cfg)
     if cfg.task in DENSE_TASKS:  # a dense recipe given with --config
         return _run_dense(args.command, cfg, demo=False)
+    if cfg.task == "video":  # a video recipe given with --config
+        return _run_video(args.command, cfg)
     if digits:
         print(f"no --data: training on scikit-learn's bundled handwritten digits with {args.config}")
     return (pretrain.main if task == "pretrain" else supervised.main)(cfg)
@@ -172,8 +188,41 @@ def _run_dense(command: str, cfg: TrainConfig, demo: bool) -> int:
     return dense_train.main(cfg)
 
 
+def _video_task(args) -> int:
+    """``swinv2 train|finetune --task video``: the demo recipe without --data, the general video
+    recipe with it, unless --config names one."""
+    command = args.command
+    if command == "pretrain":
+        raise ValueError("--task video: SimMIM pre-training is for images; pre-train an image model and fine-tune "
+                         "it with --task video (its weights inflate)")
+    require(command, "yaml", "av")
+    demo = not hasattr(args, "data")
+    if not args.config:
+        args.config = VIDEO_RECIPES[0 if demo else 1]
+    args.config = recipe_path(args.config)
+    if not hasattr(args, "output"):
+        args.output = f"runs/video-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = config_from_args(args, task=command)
+    if cfg.data is None:
+        print(f"no --data: training on the bundled video demo (a handwritten digit moving over a texture; the "
+              f"class is its direction) with {args.config}")
+    return _run_video(command, cfg)
+
+
+def _run_video(command: str, cfg: TrainConfig) -> int:
+    require(command, "yaml", "av")
+    if cfg.data is None:
+        require(command, "sklearn", "skimage", reason=VIDEO_DEMO)
+    if cfg.sharding == "deepspeed":
+        raise ValueError("--task video: --sharding deepspeed is for classification; use fsdp or zero1")
+    check_run(cfg)
+    return video.main(cfg)
+
+
 def cmd_eval(args) -> int:
     check_device(args.device)
+    if args.task == "video" or video_infer.is_video_checkpoint(args.checkpoint):
+        return _eval_video(args)
     dense = args.task in DENSE_TASKS or (args.checkpoint is not None and dense_task_of(args.checkpoint))
     if dense:
         return _eval_dense(args)
@@ -219,4 +268,27 @@ def _eval_dense(args) -> int:
         head = f"mIoU {result['mIoU'] * 100:.2f}%  mAcc {result['mAcc'] * 100:.2f}%  aAcc {result['aAcc'] * 100:.2f}%"
     skipped = f"; {result['skipped_images']} unreadable images skipped" if result.get("skipped_images") else ""
     print(f"{head}  on {result['images']} images (window {result['window']}){skipped}")
+    return 0
+
+
+def _eval_video(args) -> int:
+    if args.checkpoint is None:
+        raise ValueError("eval of a video model needs --checkpoint (a run's model-*.safetensors or checkpoint-*.pt)")
+    require("eval", "av")
+    if args.data is None:
+        require("eval", "sklearn", "skimage", reason=VIDEO_DEMO)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = video_infer.evaluate_video_weights(
+        args.checkpoint, args.data, frames=args.frames, interval=args.frame_interval, clips=args.clips,
+        crops=args.crops, img_size=args.img_size, window=args.window, video_root=args.video_root,
+        batch_size=min(args.batch_size, 16), workers=args.workers, amp=args.amp, device=args.device)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    skipped = f"; {result['skipped_clips']} unreadable clips skipped" if result["skipped_clips"] else ""
+    print(f"top-1 {result['top1'] * 100:.2f}%  top-5 {result['top5'] * 100:.2f}%  loss {result['loss']:.4f}  on "
+          f"{result['clips']} clips x {result['views']} views ({result['clips_per_video']} clips x {result['crops']} "
+          f"crops) of {result['frames']} frames every {result['interval']} at {result['img_size']}px, window "
+          f"{'x'.join(map(str, result['window']))}{skipped}")
     return 0
