@@ -113,6 +113,7 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_keep_freed_memory_stops_refaulting_large_blocks():
     """Freed 128 MiB blocks are faulted in again page by page (32k faults each) under

@@ -813,6 +813,7 @@ def test_torch_compile_takes_the_whole_fast_forward():
     assert_compiles_whole(fast_model(seed=8))
 
 
+@pytest.mark.slow
 def test_sequential_attention_on_the_fast_model_compiles_whole():
     # the captured training graph runs F.linear: oneDNN left out, eager runs the same GEMMs
     model = fast.apply(plain_model(seed=15), onednn=False)

@@ -398,6 +398,7 @@ def _graph_ops(seen: list):
     return backend
 
 
+@pytest.mark.slow
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_inference_keeps_the_kernels_as_graph_operators(dtype):
