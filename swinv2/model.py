@@ -57,6 +57,30 @@ class SwinTransformerV2Stages(nn.Module):
         self._apply_sequential_attention(stage_spec(sequential_attention, self.num_layers, "sequential_attention"),
                                          budget_mb)
 
+    def runtime_config(self) -> dict:
+        """The constructor arguments set after construction: head, checkpointing, sequential
+        attention (part of ``config``)."""
+        sequential = {i: b.attn.chunk_windows for i, s in enumerate(self.layers) for b in s.blocks if b.attn.sequential}
+        return dict(
+            num_classes=self.num_classes, global_pool=self.global_pool,
+            grad_checkpointing=[i for i, s in enumerate(self.layers) if s.grad_checkpointing] or False,
+            sequential_attention=sequential or False,
+            sequential_attention_budget_mb=self._sequential_budget_mb if sequential else None,
+        )
+
+    @torch.no_grad()
+    def apply_windows(self, windows: Sequence) -> None:
+        """Give every stage the model's window (and rule), forget cached masks, and resample V1
+        bias tables to ``windows`` (each stage's effective window at the nominal input size)."""
+        for stage, window in zip(self.layers, windows):
+            stage.window_size, stage.window_rule = self.window_size, self.window_rule
+            stage.clear_masks()
+            for block in stage.blocks:
+                attn = block.attn
+                if attn.relative_position_bias_table is not None and attn.table_window != tuple(window):
+                    table = resize_bias_table(attn.relative_position_bias_table.data, attn.table_window, window)
+                    attn.relative_position_bias_table, attn.table_window = nn.Parameter(table), tuple(window)
+
     def iter_blocks(self) -> Iterable[SwinTransformerV2Block]:
         """Every block of every stage, in order."""
         return (block for stage in self.layers for block in stage.blocks)
@@ -299,14 +323,8 @@ class SwinTransformerV2(SwinTransformerV2Stages):
     def config(self) -> dict:
         """The constructor arguments that rebuild this model as it is now (input size, window,
         head and memory options included): ``SwinTransformerV2(**model.config)``."""
-        sequential = {i: b.attn.chunk_windows for i, s in enumerate(self.layers) for b in s.blocks if b.attn.sequential}
-        return dict(
-            self._arch, img_size=list(self.img_size), window_size=list(self.window_size), window_rule=self.window_rule,
-            num_classes=self.num_classes, global_pool=self.global_pool,
-            grad_checkpointing=[i for i, s in enumerate(self.layers) if s.grad_checkpointing] or False,
-            sequential_attention=sequential or False,
-            sequential_attention_budget_mb=self._sequential_budget_mb if sequential else None,
-        )
+        return dict(self._arch, img_size=list(self.img_size), window_size=list(self.window_size),
+                    window_rule=self.window_rule, **self.runtime_config())
 
     # -- sizes and windows ----------------------------------------------------------------------
 
@@ -359,14 +377,7 @@ class SwinTransformerV2(SwinTransformerV2Stages):
         if window_rule is not None:
             effective_window((1, 1), (1, 1), window_rule)  # validates the name
             self.window_rule = window_rule
-        for stage, (window, _) in zip(self.layers, self.stage_windows()):
-            stage.window_size, stage.window_rule = self.window_size, self.window_rule
-            stage.clear_masks()
-            for block in stage.blocks:
-                attn = block.attn
-                if attn.relative_position_bias_table is not None and attn.table_window != window:
-                    table = resize_bias_table(attn.relative_position_bias_table.data, attn.table_window, window)
-                    attn.relative_position_bias_table, attn.table_window = nn.Parameter(table), window
+        self.apply_windows([window for window, _ in self.stage_windows()])
 
     # -- forward --------------------------------------------------------------------------------
 

@@ -141,14 +141,8 @@ class VideoSwinTransformerV2(SwinTransformerV2Stages):
     def config(self) -> dict:
         """The constructor arguments that rebuild this model as it is now:
         ``VideoSwinTransformerV2(**model.config)``."""
-        sequential = {i: b.attn.chunk_windows for i, s in enumerate(self.layers) for b in s.blocks if b.attn.sequential}
-        return dict(
-            self._arch, img_size=list(self.img_size), num_frames=self.num_frames,
-            window_size=list(self.window_size), num_classes=self.num_classes, global_pool=self.global_pool,
-            grad_checkpointing=[i for i, s in enumerate(self.layers) if s.grad_checkpointing] or False,
-            sequential_attention=sequential or False,
-            sequential_attention_budget_mb=self._sequential_budget_mb if sequential else None,
-        )
+        return dict(self._arch, img_size=list(self.img_size), num_frames=self.num_frames,
+                    window_size=list(self.window_size), **self.runtime_config())
 
     # -- sizes and windows ----------------------------------------------------------------------
 
@@ -189,14 +183,7 @@ class VideoSwinTransformerV2(SwinTransformerV2Stages):
             self.num_frames = int(num_frames)
         if window_size is not None:
             self.window_size = self._check_window(window_size)
-        for stage, (window, _) in zip(self.layers, self.stage_windows()):
-            stage.window_size = self.window_size
-            stage.clear_masks()
-            for block in stage.blocks:
-                attn = block.attn
-                if attn.relative_position_bias_table is not None and attn.table_window != window:
-                    table = resize_bias_table(attn.relative_position_bias_table.data, attn.table_window, window)
-                    attn.relative_position_bias_table, attn.table_window = nn.Parameter(table), window
+        self.apply_windows([window for window, _ in self.stage_windows()])
 
     # -- forward --------------------------------------------------------------------------------
 

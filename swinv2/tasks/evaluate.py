@@ -70,7 +70,7 @@ def evaluate_weights(checkpoint: str | None = None, model: str | None = None, da
         tf = eval_transform(pre.img_size, crop_pct=pre.crop_pct, crop_mode=pre.crop_mode,
                             interpolation=pre.interpolation)
         net.to(env.device)
-        loader = _SkipCounter(eval_loader(dataset, tf, cfg, env))
+        loader = SkipCounter(eval_loader(dataset, tf, cfg, env))
         metrics = evaluate_classifier(net, loader, env, cfg, len(classes))
         skipped = torch.tensor(float(loader.skipped), dtype=torch.float64, device=env.device)
         all_reduce_sum(skipped)
@@ -81,7 +81,7 @@ def evaluate_weights(checkpoint: str | None = None, model: str | None = None, da
         teardown()
 
 
-class _SkipCounter:
+class SkipCounter:
     """Iterates a loader of ``(images, targets, n_skipped)`` batches, adding up ``n_skipped``."""
 
     def __init__(self, loader):

@@ -21,6 +21,7 @@ from ..train.config import TrainConfig
 from ..train.distributed import all_reduce_sum, setup, teardown
 from ..variants import create_model
 from ..video import VideoSwinTransformerV2
+from .evaluate import SkipCounter
 from .video import ClipList, evaluate_views, require_clips, views_loader
 
 
@@ -90,7 +91,7 @@ def evaluate_video_weights(checkpoint: str, data: str | None = None, *, frames: 
         if net.num_classes != len(source.classes):
             raise ValueError(f"the model has {net.num_classes} outputs but the data has {len(source.classes)} classes")
         net.to(env.device)
-        loader = _SkipCount(views_loader(source, settings, 1, workers, 0, env))
+        loader = SkipCounter(views_loader(source, settings, 1, workers, 0, env))
         metrics = evaluate_views(net, loader, env, cfg, len(source.classes), clips_per_forward=batch_size)
         skipped = torch.tensor(float(loader.skipped), dtype=torch.float64, device=env.device)
         all_reduce_sum(skipped)
@@ -109,16 +110,6 @@ def _eval_source(data: str | None, video_root: str | None, names):
         return KineticsClips(data, Path(video_root or os.path.dirname(os.path.abspath(data))), classes=names)
     train_root, val_root = D.resolve_folders(data, None)
     return VideoFolder(val_root or train_root)
-
-
-class _SkipCount:
-    def __init__(self, loader):
-        self.loader, self.skipped = loader, 0
-
-    def __iter__(self):
-        for batch in self.loader:
-            self.skipped += int(batch[-1])
-            yield batch
 
 
 def predict_clips(checkpoint: str, paths: list[str], *, topk: int = 5, window=None, clips: int | None = None,
