@@ -305,10 +305,13 @@ def in_process_group(run, cfg: TrainConfig) -> int:
     """``run(cfg, env)`` inside the run's process group (one process, or torchrun's), which is
     torn down whatever happens."""
     env = setup(cfg.device)
+    finished = False
     try:
-        return run(cfg, env)
+        result = run(cfg, env)
+        finished = True
+        return result
     finally:
-        teardown()
+        teardown(sync=finished)  # after an error, no waiting for processes that may never arrive
 
 
 def make_ema(model: nn.Module, decay: float):

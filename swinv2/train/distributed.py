@@ -88,8 +88,13 @@ def setup(device: str = "auto") -> Dist:
     return Dist(rank, world, local, dev)
 
 
-def teardown() -> None:
+def teardown(sync: bool = False) -> None:
+    """Destroy the process group; with ``sync``, first wait until every process got here, so
+    that none tears the group down while another still has collectives or their worker threads
+    running (gloo can then abort a process at exit)."""
     if dist.is_initialized():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
 
 
