@@ -68,7 +68,7 @@ def build_detection_demo(root: str | os.PathLike | None = None, *, image_size: i
     the cache folder when ``root`` is None; returns its folder. Categories "0".."9" have ids 1..10."""
     _require()
     params = _check(image_size, train_images, val_images, seed)
-    return _build("coco-digits", root, params, _write_coco)
+    return build_cached("coco-digits", root, params, _write_coco)
 
 
 def build_segmentation_demo(root: str | os.PathLike | None = None, *, image_size: int = 128,
@@ -78,7 +78,7 @@ def build_segmentation_demo(root: str | os.PathLike | None = None, *, image_size
     textures, then "digit"."""
     _require()
     params = _check(image_size, train_images, val_images, seed)
-    return _build("ade-digits", root, params, _write_ade)
+    return build_cached("ade-digits", root, params, _write_ade)
 
 
 def cache_folder() -> Path:
@@ -97,10 +97,13 @@ def _check(image_size: int, train_images: int, val_images: int, seed: int) -> di
             "seed": int(seed)}
 
 
-def _build(name: str, root, params: dict, write: Callable[[Path, dict], None]) -> Path:
-    """Write the set into a temporary sibling folder, its marker file last, and rename that into
-    place: a folder with the marker is complete, and an interrupted build leaves no half set."""
-    marker = {"name": name, "format": FORMAT_VERSION, **params}
+def build_cached(name: str, root, params: dict, write: Callable[[Path, dict], None],
+                 version: int = FORMAT_VERSION) -> Path:
+    """The demo set ``name`` built by ``write(folder, params)`` at ``root``, or in the cache under
+    a key of its name, ``version`` and ``params``; reused when already complete. It is written
+    into a temporary sibling folder, its marker file last, and renamed into place: a folder with
+    the marker is complete, and an interrupted build leaves no half set."""
+    marker = {"name": name, "format": version, **params}
     if root is None:
         key = hashlib.sha256(json.dumps(marker, sort_keys=True).encode()).hexdigest()[:12]
         target = cache_folder() / f"{name}-{key}"

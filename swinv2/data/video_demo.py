@@ -19,19 +19,14 @@ under a key of them; it is built in a temporary folder and renamed into place.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
-from ..fileio import write_error
-from .dense_demo import cache_folder
+from .dense_demo import build_cached
 from .video import require_av
 
 FORMAT_VERSION = 4  # raise when the clips change: older cached sets are then rebuilt
@@ -39,7 +34,6 @@ CLASSES = ("down", "left", "right", "up")
 _STEP = {"down": (1, 0), "left": (0, -1), "right": (0, 1), "up": (-1, 0)}  # (rows, cols) per unit of travel
 _TEXTURES = ("grass", "gravel", "brick", "camera", "coffee", "chelsea")
 _SPLITS = ("train", "val")
-_MARKER = "demo.json"
 _MIN_CONTRAST = 96  # luminance difference (0..255) between the digit and the mean background
 _FPS = 8
 _EXTRAS = {"skimage": ("scikit-image", "dense"), "sklearn": ("scikit-learn", "train")}
@@ -61,32 +55,7 @@ def prepare_video_demo(root: str | os.PathLike | None = None, *, train_clips: in
     require_av()
     _require_images()
     params = _check(train_clips, val_clips, frames, size, seed)
-    marker = {"name": "moving-digits", "format": FORMAT_VERSION, "classes": list(CLASSES), **params}
-    if root is None:
-        key = hashlib.sha256(json.dumps(marker, sort_keys=True).encode()).hexdigest()[:12]
-        target = cache_folder() / f"moving-digits-{key}"
-    else:
-        target = Path(root)
-    if _complete(target, marker):
-        return target
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ValueError(f"{target} is not empty and holds no video demo set built with {params}: give a new or "
-                         "empty folder")
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir(parents=True)
-        _write_set(tmp, params)
-        (tmp / _MARKER).write_text(json.dumps(marker, sort_keys=True, indent=1) + "\n")  # last: marks it complete
-        if target.is_dir():
-            target.rmdir()  # empty: checked above
-        os.rename(tmp, target)
-    except OSError as err:
-        if _complete(target, marker):  # another process finished the same set first
-            return target
-        raise write_error(err, target) from err
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_cached("moving-digits", root, params, _write_set, FORMAT_VERSION)
 
 
 def render_demo_clip(split: str, index: int, *, frames: int = 16, size: int = 64, seed: int = 0) -> DemoClip:
@@ -126,13 +95,6 @@ def _check(train_clips: int, val_clips: int, frames: int, size: int, seed: int) 
                          f"{train_clips} and {val_clips}")
     return {"train_clips": int(train_clips), "val_clips": int(val_clips), "frames": int(frames), "size": int(size),
             "seed": int(seed)}
-
-
-def _complete(folder: Path, marker: dict) -> bool:
-    try:
-        return json.loads((folder / _MARKER).read_text()) == marker
-    except (OSError, ValueError):
-        return False
 
 
 def _write_set(folder: Path, params: dict) -> None:
