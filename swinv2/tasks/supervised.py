@@ -212,12 +212,7 @@ def _run(cfg: TrainConfig, env: Dist) -> int:
     model, report = build_classifier(cfg, len(classes))
     if report and env.main:
         print(f"start weights: {cfg.checkpoint}\n{report}")
-    model.to(env.device)
-    ema = make_ema(model, cfg.ema)
-    wrapped = wrap_model(model, env, cfg.sharding)
-    if cfg.compile:
-        wrapped = torch.compile(wrapped)
-    optimizer = make_optimizer(wrapped, model, cfg)
+    ema, wrapped, optimizer = prepare_model(model, cfg, env)
     loop = make_loop(cfg, env, train, val, classes, model.img_size[0])
     n = sum(p.numel() for p in model.parameters())
     intro = (f"{cfg.command} {cfg.model} ({n / 1e6:.2f}M parameters) on {len(train)} images, {len(classes)} classes, "
@@ -226,6 +221,17 @@ def _run(cfg: TrainConfig, env: Dist) -> int:
         task=cfg.command, model=cfg.model, updates=final.step, best_top1=final.best, best_epoch=final.best_epoch,
         skipped_images=final.skipped_images, last=final.history[-1] if final.history else None,
         output=cfg.output))
+
+
+def prepare_model(model: nn.Module, cfg: TrainConfig, env: Dist):
+    """(EMA or None, the wrapped model to train, its optimizer) for a built network: on the
+    run's device, wrapped for its sharding, compiled when asked."""
+    model.to(env.device)
+    ema = make_ema(model, cfg.ema)
+    wrapped = wrap_model(model, env, cfg.sharding)
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)
+    return ema, wrapped, make_optimizer(wrapped, model, cfg)
 
 
 def make_optimizer(wrapped: nn.Module, model: nn.Module, cfg: TrainConfig):

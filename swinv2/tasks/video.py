@@ -22,12 +22,12 @@ from ..data.video import KineticsClips, VideoClipDataset, VideoFolder, VideoView
 from ..data.video_demo import prepare_video_demo
 from ..data.video_transforms import video_eval_transform, video_train_transform
 from ..train.config import TrainConfig
-from ..train.distributed import Dist, all_reduce_sum, wrap_model
+from ..train.distributed import Dist, all_reduce_sum
 from ..train.engine import Loop, autocast
 from ..variants import create_model, get_variant
 from ..video import VideoSwinTransformerV2
-from .common import in_process_group, make_ema, model_overrides, model_saver, prepare_run, run_loop, set_threads
-from .supervised import make_optimizer, network_from_checkpoint
+from .common import in_process_group, model_overrides, model_saver, prepare_run, run_loop, set_threads
+from .supervised import network_from_checkpoint, prepare_model
 
 
 class ClipList:
@@ -213,12 +213,7 @@ def _run(cfg: TrainConfig, env: Dist) -> int:
     if report and env.main:
         print(f"start weights: {cfg.checkpoint}\n{report}")
     settings = clip_settings(cfg, model)
-    model.to(env.device)
-    ema = make_ema(model, cfg.ema)
-    wrapped = wrap_model(model, env, cfg.sharding)
-    if cfg.compile:
-        wrapped = torch.compile(wrapped)
-    optimizer = make_optimizer(wrapped, model, cfg)
+    ema, wrapped, optimizer = prepare_model(model, cfg, env)
     loop = make_loop(cfg, env, train, val, classes, settings)
     n = sum(p.numel() for p in model.parameters())
     views = settings["test_clips"] * settings["test_crops"]
