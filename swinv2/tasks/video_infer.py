@@ -26,16 +26,14 @@ from .video import ClipList, evaluate_views, require_clips, views_loader
 
 
 def is_video_checkpoint(path: str | os.PathLike | None) -> bool:
-    """Whether ``path`` is a swinv2 file or training checkpoint of a video network."""
+    """Whether ``path`` is a swinv2 file or training checkpoint of a video network. A damaged
+    file raises its one-line CheckpointError here, before any other work."""
     if path is None or not Path(path).is_file():
         return False
-    try:
-        if is_safetensors(path):
-            meta, _ = read_safetensors_metadata(path)
-            return "num_frames" in (config_from_metadata(path, meta) if meta.get(META_FORMAT) else {})
-        config = read_weights(path).config
-    except (ValueError, OSError):
-        return False
+    if is_safetensors(path):
+        meta, _ = read_safetensors_metadata(path)
+        return "num_frames" in (config_from_metadata(path, meta) if meta.get(META_FORMAT) else {})
+    config = read_weights(path).config
     return config is not None and "num_frames" in config
 
 
